@@ -1,0 +1,139 @@
+"""The `moetune` command line. Each subcommand is a few lines over a library function, so the CLI and the Python
+API cannot drift apart. User mistakes (`MoetuneError`) print one line and exit non-zero; bugs keep their traceback.
+
+    moetune inspect MODEL [--json] [--quantize 4bit]
+    moetune tiny ARCH OUT_DIR [--hidden-size N] [--layers N] [--experts N] [--seed N]
+    moetune validate RECIPE [--set key.path=value ...]
+    moetune train RECIPE [--set key.path=value ...] [--resume | --overwrite]
+    moetune routing MODEL DATA [--max-examples N] [--max-length N] [--out DIR] [--json]
+"""
+
+import argparse
+import json
+import logging
+import sys
+
+from moetune.errors import MoetuneError
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from moetune.sizing import format_report, inspect_model
+
+    report = inspect_model(args.model, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+
+
+def _tiny(args: argparse.Namespace) -> None:
+    from moetune.tiny import make_tiny
+
+    overrides = {key: value for key, value in (
+        ("hidden_size", args.hidden_size), ("num_hidden_layers", args.layers),
+    ) if value is not None}
+    if args.experts is not None:
+        overrides.update(_experts_override(args.arch, args.experts))
+    out = make_tiny(args.arch, args.out_dir, seed=args.seed, **overrides)
+    print(f"wrote a tiny {args.arch} model and tokenizer to {out}")
+
+
+def _experts_override(arch: str, count: int) -> dict:
+    from moetune.tiny import tiny_config
+
+    config = tiny_config(arch)
+    for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+        if key in config.to_dict():
+            return {key: count}
+    raise MoetuneError(f"--experts is not supported for {arch}")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from moetune.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(f"{args.recipe}: OK (model {recipe.model.name_or_path}, output {recipe.output.dir})")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from moetune.training import finetune
+
+    output_dir, metrics = finetune(args.recipe, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
+    print(f"done: {output_dir}")
+    print(json.dumps(metrics, indent=2))
+
+
+def _routing(args: argparse.Namespace) -> None:
+    from moetune.telemetry import format_routing_report, routing_from_paths, write_routing_report
+
+    report = routing_from_paths(args.model, args.data, max_examples=args.max_examples, max_length=args.max_length,
+                                batch_size=args.batch_size)
+    if args.out:
+        json_path, png_path = write_routing_report(report, args.out)
+        print(f"wrote {json_path} and {png_path}", file=sys.stderr)
+    print(json.dumps(report, indent=2) if args.json else format_routing_report(report))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moetune", description="Fine-tune sparse Mixture-of-Experts language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks for every error")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("inspect", help="parameters, bytes and active parameters per group of a MoE model")
+    p.add_argument("model", help="local model directory or Hub id (only config.json is read)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quantize", choices=["4bit"], help="load the weights in moetune's 4-bit and measure resident bytes")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub repo")
+    p.set_defaults(run=_inspect)
+
+    from moetune.tiny import TINY_ARCHS
+
+    p = commands.add_parser("tiny", help="write a tiny random-weight MoE model and a local tokenizer")
+    p.add_argument("arch", choices=TINY_ARCHS, metavar="ARCH", help=f"one of: {', '.join(TINY_ARCHS)}")
+    p.add_argument("out_dir", help="directory to write")
+    p.add_argument("--hidden-size", type=int, help="hidden size (default 64; keep it a multiple of 8)")
+    p.add_argument("--layers", type=int, help="number of decoder layers (default 2)")
+    p.add_argument("--experts", type=int, help="routed experts per MoE layer (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    p.set_defaults(run=_tiny)
+
+    for name, run, text in (("validate", _validate, "check a recipe without loading anything"),
+                            ("train", _train, "run a recipe")):
+        p = commands.add_parser(name, help=text)
+        p.add_argument("recipe", help="recipe YAML file")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe value, e.g. --set train.learning_rate=1e-4 (repeatable)")
+        if name == "train":
+            mode = p.add_mutually_exclusive_group()
+            mode.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output.dir")
+            mode.add_argument("--overwrite", action="store_true", help="replace a non-empty output.dir")
+        p.set_defaults(run=run)
+
+    p = commands.add_parser("routing", help="measure expert load, entropy and dead experts of a model on some data")
+    p.add_argument("model", help="local model directory or Hub id")
+    p.add_argument("data", help="data file (.jsonl/.json/.csv/.parquet) in any moetune data format")
+    p.add_argument("--max-examples", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", help="also write routing.json and routing.png to this directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_routing)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("moetune").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        args.run(args)
+    except MoetuneError as err:
+        if args.verbose:
+            raise
+        print(f"moetune {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"moetune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

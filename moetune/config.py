@@ -1,0 +1,383 @@
+"""The recipe schema: one strict, typed object per recipe section.
+
+Every default lives here and nowhere else. Code takes the section it needs
+(`load_model(recipe.model, recipe.quantization)`), so a typo in code is an AttributeError and a typo in a
+recipe is a validation error that names the dotted key.
+"""
+
+import ast
+import copy
+import difflib
+import functools
+import importlib.util
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moetune.errors import RecipeError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelSection(Strict):
+    name_or_path: str
+    """Local directory or Hugging Face Hub id of the MoE model."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype of the weights that are not quantized (and the compute dtype of 4-bit layers)."""
+    experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = None
+    """transformers' experts kernel. None picks grouped_mm where the family supports it, else eager."""
+    trust_remote_code: bool = False
+    """Allow model code from the Hub repo (needed for families transformers does not ship)."""
+
+
+class QuantizationSection(Strict):
+    bits: Literal[4] = 4
+    """Only 4-bit (QLoRA) is supported."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """bitsandbytes 4-bit data type; nf4 is QLoRA's."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (about 0.37 bits per parameter saved)."""
+
+
+class LoraSection(Strict):
+    r: int = Field(16, gt=0)
+    """LoRA rank. Higher = more capacity and memory."""
+    alpha: float = Field(32.0, gt=0)
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input. Must be 0 when `experts` is a target (PEFT's ParamWrapper has none)."""
+    targets: list[str] = Field(default_factory=lambda: ["attention"], min_length=1)
+    """Parameter groups (attention, shared_experts, dense_mlp, router, experts) or explicit module/parameter names."""
+
+
+class FreezeSection(Strict):
+    train: list[str] | None = None
+    """Groups or presets trained in full: non_experts, experts, router, all, or group names.
+    None means: nothing in full when LoRA is on (only adapters train), everything otherwise."""
+    include: list[str] = Field(default_factory=list)
+    """Regexes of parameter names to train in full as well."""
+    exclude: list[str] = Field(default_factory=list)
+    """Regexes of parameter names to keep frozen, applied last."""
+
+
+class MoESection(Strict):
+    aux_loss: bool = True
+    """Add the router load-balancing loss to the training loss."""
+    aux_loss_coef: float | None = Field(None, ge=0.0)
+    """Its coefficient. None keeps the model's own default (0.001 for most families, 0.01 for OLMoE)."""
+    z_loss_coef: float = Field(0.0, ge=0.0)
+    """Router z-loss coefficient (ST-MoE uses 0.001). 0 turns it off."""
+    expert_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the routed experts' hidden activations, training only (Switch Transformers fine-tuning)."""
+    router_jitter: float = Field(0.0, ge=0.0, lt=1.0)
+    """Multiplicative uniform noise on the router input, x * U(1-eps, 1+eps), training only."""
+    router_fp32: bool = True
+    """Keep router weights and compute router logits in fp32 (selective precision, Switch Transformers)."""
+    telemetry: bool = True
+    """Record per-layer expert load, entropy and dead experts while training; write routing.json and routing.png."""
+
+
+class DataSection(Strict):
+    train: str
+    """Training data: a local .jsonl/.json/.csv/.parquet file, or a Hub dataset id (optionally `id:split`)."""
+    eval: str | None = None
+    """Evaluation data, same forms as `train`."""
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text"] = "auto"
+    """Row format. auto detects it from the columns."""
+    max_length: int = Field(1024, gt=0)
+    """Longest tokenized example; longer rows are counted and reported, then dropped."""
+    packing: bool = False
+    """Pack several examples into one sequence (padding-free, no cross-attention between them)."""
+    assistant_only_loss: bool = True
+    """Loss on the answer only: assistant turns for chat data, the completion (output) for prompt/completion and
+    alpaca data. False trains on every token. Plain text always trains on every token."""
+
+
+class OutputSection(Strict):
+    dir: str
+    """Output directory: the adapter (or full model) at its root, checkpoints, metrics.json, routing report."""
+    push_to_hub: bool = False
+    """Push the result to the Hub when training ends."""
+    hub_repo_id: str | None = None
+    """Hub repo to push to (required when push_to_hub is true)."""
+    private: bool = True
+    """Create the Hub repo as private."""
+    sample_prompts: int = Field(0, ge=0)
+    """Print the model's answers to this many eval prompts before and after training (0: none)."""
+
+
+class Recipe(Strict):
+    model: ModelSection
+    quantization: QuantizationSection | None = None
+    """4-bit loading. Omit for none."""
+    lora: LoraSection | None = None
+    """LoRA adapters. Omit for full or selective fine-tuning."""
+    freeze: FreezeSection = Field(default_factory=FreezeSection)
+    moe: MoESection = Field(default_factory=MoESection)
+    data: DataSection
+    train: dict[str, Any] = Field(default_factory=dict)
+    """Any trl SFTConfig field, passed through (learning_rate, num_train_epochs, per_device_train_batch_size, ...)."""
+    output: OutputSection
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading: YAML (or a dict) + `key.path=value` overrides -> a validated Recipe, every problem reported at once.
+# Nothing here imports torch, transformers or trl: a recipe mistake must surface in well under a second.
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+FREEZE_NAMES = (
+    # presets (see freezing.py) and parameter groups (see architectures.py)
+    "non_experts", "experts", "router", "all",
+    "embedding", "attention", "shared_experts", "dense_mlp", "norm", "lm_head", "mamba", "linear_attention",
+)
+LORA_GROUPS = ("attention", "shared_experts", "dense_mlp", "router", "experts")
+# SFTConfig fields that a recipe section already decides: setting them in `train` too would be ambiguous.
+TRAIN_KEYS_OWNED = {
+    "output_dir": "output.dir", "max_length": "data.max_length", "packing": "data.packing",
+    "assistant_only_loss": "data.assistant_only_loss", "completion_only_loss": "data.assistant_only_loss",
+    "push_to_hub": "output.push_to_hub", "hub_model_id": "output.hub_repo_id", "hub_private_repo": "output.private",
+    "router_aux_loss_coef": "moe.aux_loss_coef", "model_init_kwargs": "the model section",
+    "resume_from_checkpoint": "`moetune train --resume`", "overwrite_output_dir": "`moetune train --overwrite`",
+}
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (YAML 1.2), not the string PyYAML's YAML 1.1 rules give."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\d[\d_]*[eE][-+]?\d+|\.inf|\.nan)$", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, where: str = "<string>") -> Any:
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{where}: not valid YAML: {err}") from None
+
+
+def load_recipe(source: "str | Path | dict | Recipe", overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise one `RecipeError` listing every problem found.
+
+    Args:
+        source: a YAML file path, a dict with the recipe's sections, or a `Recipe` (re-validated with overrides).
+        overrides: `key.path=value` strings; the value is read as YAML (`train.learning_rate=1e-4`,
+            `lora=null` removes a section, `lora.targets=[attention,experts]`).
+    """
+    where = "recipe"
+    if isinstance(source, Recipe):
+        raw = source.model_dump(exclude_unset=True)
+    elif isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {str(source)!r}")
+        where = str(path)
+        raw = parse_yaml(path.read_text(encoding="utf-8"), where)
+        if raw is None:
+            raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: a recipe is a mapping of sections (model, data, output, ...), got {type(raw).__name__}")
+    problems = [_apply_override(raw, item) for item in overrides]
+    problems = [p for p in problems if p]
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        recipe = None
+        problems += [_explain(e) for e in err.errors()]
+    problems += _check_raw(raw) + _check_cross(raw)
+    if problems:
+        head = f"{where} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:"
+        raise RecipeError("\n  - ".join([head, *problems]))
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (every default filled in), as written to `<output.dir>/recipe.yaml`."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def _apply_override(raw: dict, item: str) -> str | None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        return f"override {item!r} must look like key.path=value (e.g. train.learning_rate=1e-4)"
+    try:
+        value = yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError as err:
+        return f"override `{key}`: value {text!r} is not valid YAML ({err.problem})"
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            return f"override `{key}`: `{'.'.join(parts[: i + 1])}` is {node[part]!r}, not a section"
+        node = node[part]
+    node[parts[-1]] = value
+    return None
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return None
+        ann = field.annotation
+        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return model
+
+
+def _did_you_mean(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _explain(error: dict) -> str:
+    """One pydantic error -> `key.path`: what is wrong, what was given, what is allowed."""
+    loc = tuple(str(p) for p in error["loc"])
+    key = ".".join(loc)
+    kind, given = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        section = _section_model(loc[:-1])
+        allowed = list(section.model_fields) if section else []
+        hint = _did_you_mean(_ALIASES.get(loc[-1], loc[-1]), allowed)
+        return f"unknown key `{key}`{hint}; allowed here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"`{key}` is required"
+    if kind == "literal_error":
+        return f"`{key}`: got {given!r}; allowed: {error['ctx']['expected']}"
+    if kind == "model_type":
+        return f"`{key}` must be a section (a mapping of keys), got {given!r}"
+    return f"`{key}`: {error['msg'][0].lower()}{error['msg'][1:]} (got {given!r})"
+
+
+def _sub(raw: dict, section: str) -> dict:
+    value = raw.get(section)
+    return value if isinstance(value, dict) else {}
+
+
+def _check_raw(raw: dict) -> list[str]:
+    """Checks that pydantic's per-field validation cannot do: files, SFTConfig keys, cross-field rules."""
+    problems = []
+    data = _sub(raw, "data")
+    for split in ("train", "eval"):
+        if isinstance(data.get(split), str):
+            problem = _check_data_source(f"data.{split}", data[split])
+            if problem:
+                problems.append(problem)
+    model = _sub(raw, "model")
+    name = model.get("name_or_path")
+    if isinstance(name, str) and name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        problems.append(
+            f"`model.name_or_path`: local model directory {name!r} not found (relative paths are read from the "
+            f"current directory, {os.getcwd()})"
+        )
+    train = raw.get("train")
+    if isinstance(train, dict):
+        valid = sft_config_fields()
+        for key in train:
+            if key in TRAIN_KEYS_OWNED:
+                problems.append(f"`train.{key}`: set it with {TRAIN_KEYS_OWNED[key]} instead, moetune passes it to TRL")
+            elif key not in valid:
+                problems.append(f"unknown key `train.{key}`{_did_you_mean(str(key), valid)}: `train` takes trl.SFTConfig fields")
+    output = _sub(raw, "output")
+    if output.get("push_to_hub") is True and not output.get("hub_repo_id"):
+        problems.append("`output.hub_repo_id` is required when `output.push_to_hub` is true (e.g. your-name/mixtral-sft)")
+    out_dir = output.get("dir")
+    if isinstance(out_dir, str) and Path(out_dir).expanduser().is_file():
+        problems.append(f"`output.dir`: {out_dir!r} is a file, not a directory")
+    return problems
+
+
+def _check_data_source(key: str, source: str) -> str | None:
+    path = Path(source).expanduser()
+    local = path.suffix.lower() in DATA_SUFFIXES or source.startswith((".", "/", "~")) or path.exists()
+    if not local:
+        repo = source.split(":", 1)[0]
+        if not _HUB_ID.match(repo):
+            return f"`{key}`: {source!r} is neither a local {'/'.join(DATA_SUFFIXES)} file nor a Hub dataset id (name, owner/name or owner/name:split)"
+        return None
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        return f"`{key}`: {source!r} has an unsupported file type; allowed: {', '.join(DATA_SUFFIXES)}"
+    if not path.is_file():
+        return f"`{key}`: data file {source!r} not found (relative paths are read from the current directory, {os.getcwd()})"
+    return None
+
+
+# Names other tools use for our keys, so the did-you-mean can point at ours.
+_ALIASES = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets", "model_name": "name_or_path",
+            "output_dir": "dir", "torch_dtype": "dtype", "dataset": "train", "max_seq_length": "max_length"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _check_cross(raw: dict) -> list[str]:
+    """Rules between fields, run on the raw mapping so they are reported alongside per-field errors."""
+    problems = []
+    lora = raw.get("lora")
+    if isinstance(lora, dict):
+        targets = lora.get("targets", ["attention"])
+        targets = [t for t in targets if isinstance(t, str)] if isinstance(targets, list) else []
+        if "experts" in targets and lora.get("dropout", 0) not in (0, 0.0, None):
+            problems.append(
+                f"`lora.dropout` must be 0 when `lora.targets` includes experts (got {lora['dropout']!r}): PEFT's "
+                "ParamWrapper for 3-D expert weights has no dropout"
+            )
+        for target in targets:
+            # A bare word is a group name; names with dots or underscores are explicit module/parameter names.
+            if "." not in target and target not in LORA_GROUPS and _did_you_mean(target, LORA_GROUPS):
+                problems.append(
+                    f"`lora.targets`: {target!r} is not a group{_did_you_mean(target, LORA_GROUPS)}; "
+                    f"groups: {', '.join(LORA_GROUPS)}"
+                )
+    freeze = _sub(raw, "freeze")
+    names = freeze.get("train")
+    for name in names if isinstance(names, list) else []:
+        if isinstance(name, str) and name not in FREEZE_NAMES:
+            problems.append(
+                f"`freeze.train`: unknown group or preset {name!r}{_did_you_mean(name, FREEZE_NAMES)}; "
+                f"allowed: {', '.join(FREEZE_NAMES)}"
+            )
+    for key in ("include", "exclude"):
+        patterns = freeze.get(key)
+        for pattern in patterns if isinstance(patterns, list) else []:
+            try:
+                re.compile(str(pattern))
+            except re.error as err:
+                problems.append(f"`freeze.{key}`: {pattern!r} is not a valid regular expression ({err})")
+    if raw.get("quantization") is not None and raw.get("lora") is None:
+        problems.append("`quantization` needs a `lora` section: 4-bit weights cannot be trained or saved in full (QLoRA)")
+    train = raw.get("train")
+    strategy = train.get("eval_strategy", "no") if isinstance(train, dict) else "no"
+    if strategy != "no" and not _sub(raw, "data").get("eval"):
+        problems.append(f"`train.eval_strategy` is {strategy!r} but `data.eval` is not set")
+    return problems
+
+
+@functools.lru_cache(maxsize=1)
+def sft_config_fields() -> frozenset[str]:
+    """Field names of trl.SFTConfig, read from the installed sources so that validation never imports torch."""
+    names: set[str] = set()
+    for package, relpath, cls in (
+        ("trl", "trainer/sft_config.py", "SFTConfig"),
+        ("transformers", "training_args.py", "TrainingArguments"),
+    ):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise RecipeError(f"{package} is not installed")
+        tree = ast.parse((Path(spec.submodule_search_locations[0]) / relpath).read_text(encoding="utf-8"))
+        body = next(n.body for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls)
+        names |= {s.target.id for s in body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
+    return frozenset(n for n in names if not n.startswith("_"))
