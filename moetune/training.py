@@ -1,0 +1,250 @@
+"""The recipe runner: `finetune(recipe)` = validate -> load -> adapters -> freeze -> router controls -> data ->
+MoETrainer -> train -> save. The CLI's `moetune train` and `accelerate launch -m moetune train` call it.
+
+    moetune train recipes/demo.yaml --set train.max_steps=20
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m moetune train RECIPE   # 2 CPU ranks
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m moetune train RECIPE             # N GPUs
+
+The output dir follows Hugging Face conventions: the adapter (PEFT layout) or full model and the tokenizer at its
+root, `checkpoint-N/` from the trainer, `recipe.yaml` (resolved), `metrics.json`, `data_report.json` (rows read,
+malformed, too long, per split), `trainer_state.json` and the routing report (routing.json/png). Only the main process writes.
+"""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from moetune.config import Recipe, dump_recipe, load_recipe
+from moetune.errors import MoetuneError, RecipeError
+
+
+SAMPLE_MAX_NEW_TOKENS = 48
+
+
+def finetune(
+    recipe: "Recipe | dict | str | Path", *, overrides=(), resume: bool = False, overwrite: bool = False
+) -> tuple[Path, dict]:
+    """Run a recipe end to end.
+
+    Args:
+        recipe: a `Recipe`, a dict of sections or a YAML path.
+        overrides: `key.path=value` strings applied on top (see `load_recipe`).
+        resume: continue from the last `checkpoint-N` in `output.dir` (same data order, same loss trajectory).
+        overwrite: delete a previous moetune output in `output.dir` first.
+
+    Returns:
+        (output dir, final metrics as written to metrics.json).
+    """
+    recipe = load_recipe(recipe, overrides)  # every recipe mistake surfaces here, before anything heavy
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU ranks, nccl on GPUs (STACK.md §7)
+    out = Path(recipe.output.dir).expanduser()
+    checkpoint = _prepare_output_dir(out, resume=resume, overwrite=overwrite, state=state)
+    if state.is_main_process:
+        (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+
+    from transformers import set_seed
+
+    from moetune.adapters import add_adapters
+    from moetune.data import load_datasets
+    from moetune.freezing import freeze
+    from moetune.loading import load_model
+    from moetune.router_controls import apply_router_controls
+    from moetune.trainer import MoETrainer
+
+    args = sft_config(recipe, has_eval=recipe.data.eval is not None, resume=resume)  # bad `train` values fail here
+    set_seed(args.seed)  # the trainer seeds only after the adapters exist; LoRA's init must repeat too (--resume)
+    model, tokenizer = load_model(recipe.model, recipe.quantization, router_fp32=recipe.moe.router_fp32)
+    if recipe.lora is not None:
+        model = add_adapters(model, recipe.lora)
+    report = freeze(model, recipe.freeze, lora_enabled=recipe.lora is not None)
+    _say(state, report.format_table())
+    apply_router_controls(model, recipe.moe)
+    data = load_datasets(recipe.data, tokenizer)
+    _say(state, data.report.format_text())
+
+    # MoETrainer adds the aux/z losses and, with moe.telemetry, the RoutingTelemetry callback (routing.json/png).
+    trainer = MoETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                         processing_class=tokenizer, moe=recipe.moe)
+    prompts = sample_prompts(data.eval if data.eval is not None else data.train, recipe.output.sample_prompts)
+    if prompts and state.is_main_process:
+        _say(state, "Sample generations before training:\n" + format_samples(generate(model, tokenizer, prompts), tokenizer))
+
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics: dict[str, Any] = {}
+    if data.eval is not None:
+        # From `eval_on_start` (see sft_config); on --resume it comes from the checkpoint's log history.
+        history = trainer.state.log_history
+        metrics["eval_loss_start"] = next((h["eval_loss"] for h in history if "eval_loss" in h and h["step"] == 0), None)
+    metrics["train_loss"] = result.training_loss
+    metrics["train_runtime_s"] = result.metrics.get("train_runtime")
+    if data.eval is not None:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    metrics["train_tokens"] = trainer.state.num_input_tokens_seen
+    metrics.update({"aux_loss": None, "z_loss": None, **trainer.router_loss_means()})  # unweighted run means
+    metrics["global_step"] = trainer.state.global_step
+
+    trainer.save_model(str(out))  # adapter (PEFT layout) or full model + tokenizer; main process only
+    trainer.save_state()
+    if state.is_main_process:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        (out / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if prompts and state.is_main_process:
+        _say(state, "Sample generations after training:\n" + format_samples(generate(model, tokenizer, prompts), tokenizer))
+    if recipe.output.push_to_hub and state.is_main_process:
+        # Not exercised offline; the recipe check already made sure hub_repo_id is set.
+        trainer.model.push_to_hub(recipe.output.hub_repo_id, private=recipe.output.private)
+        tokenizer.push_to_hub(recipe.output.hub_repo_id, private=recipe.output.private)
+    state.wait_for_everyone()
+    _say(state, _summary(out, metrics))
+    return out, metrics
+
+
+def sft_config(recipe: Recipe, *, has_eval: bool, resume: bool = False):
+    """The trl.SFTConfig of a recipe: moetune's sections, then moetune's defaults, then `recipe.train` on top.
+
+    Defaults that differ from TRL's, and why:
+      use_cpu            True without CUDA: TRL's default bf16=True raises on a CPU-only machine otherwise.
+      bf16 / fp16        mixed precision only when `model.dtype` asks for it and the hardware has it (bf16 autocast
+                         works on CPU); an fp32 recipe trains in fp32.
+      activation_checkpointing  (gradient checkpointing) on with CUDA (TRL's default), off on CPU: it costs ~40%
+                         speed there (STACK.md §5) and CPU runs are tiny.
+      report_to "none"   no tracker unless the recipe names one (TRL would pick up any installed one).
+      completion_only_loss True  data.py only writes a `completion_mask` when `data.assistant_only_loss` asks for it.
+      assistant_only_loss False  the `assistant_masks` column from data.py is applied by TRL as is.
+      include_num_input_tokens_seen "non_padding"  train_tokens in metrics.json, kept across --resume.
+      eval_on_start True with eval data (not on --resume): gives eval_loss_start. Not `trainer.evaluate()` before
+                         `train()`: that marks the bare model as prepared by accelerate, so training never wraps it in
+                         DistributedDataParallel and every rank trains on its own, silently (transformers 5.23 /
+                         accelerate 1.15: `Accelerator.prepare_model` returns models with `_is_accelerate_prepared`
+                         as they are; tests/test_multiprocess.py catches it).
+      save_total_limit 2 checkpoints are full optimizer states; two are enough to resume.
+    """
+    import torch
+    from trl import SFTConfig
+
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = {
+        "output_dir": recipe.output.dir,
+        "max_length": recipe.data.max_length,
+        "packing": recipe.data.packing,
+        "completion_only_loss": True,
+        "assistant_only_loss": False,
+        "use_cpu": not cuda,
+        "report_to": "none",
+        "include_num_input_tokens_seen": "non_padding",
+        "save_total_limit": 2,
+    }
+    if has_eval and not resume:
+        kwargs["eval_on_start"] = True
+    if recipe.data.packing:
+        kwargs["padding_free"] = True  # packed rows must not attend to each other (STACK.md §5)
+    # Defaults that travel in pairs: one the recipe sets replaces moetune's whole pair.
+    if not {"bf16", "fp16"} & recipe.train.keys():
+        kwargs["bf16"] = recipe.model.dtype == "bfloat16" and (not cuda or torch.cuda.is_bf16_supported())
+        kwargs["fp16"] = recipe.model.dtype == "float16" and cuda
+    if not {"gradient_checkpointing", "activation_checkpointing"} & recipe.train.keys():
+        kwargs["activation_checkpointing"] = cuda
+    kwargs.update(recipe.train)
+    try:
+        return SFTConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"`train` is not a valid trl.SFTConfig: {err}") from None
+
+
+def _prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, state) -> Path | None:
+    """Never clobber a previous run by accident. Returns the checkpoint to resume from, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume and overwrite:
+        raise MoetuneError("--resume and --overwrite contradict each other: pick one")
+    nonempty = out.is_dir() and any(out.iterdir())
+    checkpoint = None
+    if resume:
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            raise MoetuneError(f"--resume: no checkpoint-N directory in {out} to resume from")
+        checkpoint = Path(last)
+    elif nonempty and not overwrite:
+        raise MoetuneError(
+            f"output dir {out} is not empty: pass --resume to continue from its last checkpoint, --overwrite to "
+            "delete it and start over, or set output.dir elsewhere"
+        )
+    elif nonempty and overwrite and not _looks_like_output(out):
+        raise MoetuneError(f"--overwrite: refusing to delete {out}, it does not look like a moetune output dir")
+    state.wait_for_everyone()  # every rank has looked before the main process changes anything
+    if state.is_main_process:
+        if nonempty and overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+    return checkpoint
+
+
+def _looks_like_output(out: Path) -> bool:
+    return (out / "recipe.yaml").is_file() or any(out.glob("checkpoint-*"))
+
+
+# ------------------------------------------------------------------------------------------ sample generations
+
+
+def sample_prompts(dataset, n: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reference answer ids) of the first `n` rows that have a prompt, read from the loss mask."""
+    if n == 0:
+        return []
+    mask_col = next((c for c in ("assistant_masks", "completion_mask") if c in dataset.column_names), None)
+    if mask_col is None:
+        return []  # plain text has no prompt to answer
+    prompts = []
+    for row in dataset.select(range(min(len(dataset), 20 * n))):
+        start = row[mask_col].index(1)
+        stop = start + next((i for i, m in enumerate(row[mask_col][start:]) if not m), len(row[mask_col]) - start)
+        prompts.append((row["input_ids"][:start], row["input_ids"][start:stop]))
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+def generate(model, tokenizer, prompts: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int], list[int]]]:
+    """Greedy answers: (prompt, reference, generated) ids per prompt. Leaves the model in train mode."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    outputs = []
+    with torch.no_grad():
+        for prompt, reference in prompts:
+            ids = torch.tensor([prompt], device=device)
+            gen = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=SAMPLE_MAX_NEW_TOKENS,
+                do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+            outputs.append((prompt, reference, gen[0, len(prompt):].tolist()))
+    model.train(was_training)
+    return outputs
+
+
+def format_samples(samples, tokenizer) -> str:
+    def text(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True).strip().replace("\n", " | ")
+
+    return "\n".join(
+        f"  prompt:    {text(p)}\n  expected:  {text(r)}\n  generated: {text(g)}" for p, r, g in samples
+    )
+
+
+# ------------------------------------------------------------------------------------------------- reporting
+
+
+def _say(state, message: str) -> None:
+    if state.is_main_process and message:
+        print(message, flush=True)  # noqa: T201 -- progress of a long command, next to the trainer's own bar
+
+
+def _summary(out: Path, metrics: dict) -> str:
+    parts = [f"{k}={metrics[k]:.4f}" for k in ("eval_loss_start", "eval_loss", "train_loss") if metrics.get(k) is not None]
+    return f"Done: {out} ({', '.join(parts)})"
