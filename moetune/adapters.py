@@ -109,20 +109,30 @@ def _nothing_message(model: nn.Module, target: str, owner_group: dict[str, str])
             "use a group name or a module/parameter name from `moetune inspect`")
 
 
-def add_adapters(model: nn.Module, lora: LoraSection) -> PeftModel:
+def add_adapters(model: nn.Module, lora: LoraSection, *, modules_to_save: list[str] | tuple[str, ...] = ()) -> PeftModel:
     """Wrap `model` in LoRA adapters on the groups or names in `lora.targets`.
 
     Args:
         model: a model from `moetune.loading.load_model` (bf16 or 4-bit).
         lora: the recipe's `lora` section.
+        modules_to_save: modules trained in full beside the adapters (`freezing.modules_trained_in_full`); PEFT
+            saves them with the adapter and restores them on load.
 
     Returns:
         The PEFT model; only the LoRA parameters are trainable.
 
     Raises:
-        MoetuneError: a target that matches nothing, or `lora.dropout` != 0 with parameter targets.
+        MoetuneError: a target that matches nothing, `lora.dropout` != 0 with parameter targets, or a module that
+            is both adapted and trained in full.
     """
     target_modules, target_parameters = resolve_targets(model, lora.targets)
+    adapted = set(target_modules) | {name.rsplit(".", 1)[0] for name in target_parameters}
+    both = sorted(adapted & set(modules_to_save))
+    if both:
+        raise MoetuneError(
+            f"{len(both)} module(s) are both LoRA targets (`lora.targets`) and trained in full (`freeze`), e.g. "
+            f"{both[0]}; PEFT cannot do both to one module. Drop that group from `freeze.train` or from `lora.targets`."
+        )
     if target_parameters and lora.dropout:
         raise MoetuneError(
             f"`lora.dropout` must be 0.0 when `lora.targets` includes experts or parameter targets (got {lora.dropout}): "
@@ -131,6 +141,7 @@ def add_adapters(model: nn.Module, lora: LoraSection) -> PeftModel:
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
         target_modules=target_modules, target_parameters=target_parameters or None,
+        modules_to_save=list(modules_to_save) or None,
     )
     peft_model = get_peft_model(model, config)
     fix_peft_param_wrappers(peft_model)

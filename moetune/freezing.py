@@ -78,6 +78,49 @@ def _selected_groups(train: list[str] | None, lora_enabled: bool) -> set[str]:
     return groups
 
 
+def _decide(model: nn.Module, freeze: FreezeSection, lora_enabled: bool) -> list[tuple[str, nn.Parameter, str, bool]]:
+    """(name, parameter, group, train in full?) for every parameter; raises before anything changes."""
+    groups_to_train = _selected_groups(freeze.train, lora_enabled)
+    include = _compile(freeze.include, "include")
+    exclude = _compile(freeze.exclude, "exclude")
+    groups = classify_parameters(model)
+    decisions: list[tuple[str, nn.Parameter, str, bool]] = []
+    quantized: dict[str, list[str]] = {}
+    for name, param in model.named_parameters():
+        group = groups[name]
+        if group == ADAPTER_GROUP:
+            decisions.append((name, param, group, param.requires_grad))  # PEFT decides for its own parameters
+            continue
+        canonical = canonical_name(name)
+        train = group in groups_to_train or any(p.search(canonical) for p in include)
+        train = train and not any(p.search(canonical) for p in exclude)
+        # PEFT's modules_to_save keeps the untouched original beside the trained copy; the original stays frozen.
+        train = train and ".original_module." not in name
+        if train and not param.dtype.is_floating_point:
+            quantized.setdefault(group, []).append(canonical)
+        decisions.append((name, param, group, train))
+    if quantized:  # checked before anything changes, so a failed call leaves the model as it was
+        details = "; ".join(f"{group}: {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+                            for group, names in quantized.items())
+        raise MoetuneError(
+            f"`freeze` selects quantized (4-bit) weights for full training, which is impossible ({details}). "
+            "Train these groups with LoRA (`lora.targets`) or keep them frozen with `freeze.exclude`."
+        )
+    return decisions
+
+
+def modules_trained_in_full(model: nn.Module, freeze: FreezeSection) -> list[str]:
+    """Names of the modules holding parameters that `freeze` trains in full alongside LoRA.
+
+    PEFT saves only adapter weights unless such modules are listed in `LoraConfig.modules_to_save`; pass this list
+    to `add_adapters(..., modules_to_save=...)` so the adapter directory carries them and
+    `PeftModel.from_pretrained` restores them.
+    """
+    return sorted({canonical_name(name).rsplit(".", 1)[0]
+                   for name, _, group, train in _decide(model, freeze, lora_enabled=True)
+                   if train and group != ADAPTER_GROUP})
+
+
 def freeze(model: nn.Module, freeze: FreezeSection, *, lora_enabled: bool) -> FreezeReport:
     """Set `requires_grad` on every non-adapter parameter of `model` from the `freeze` section.
 
@@ -98,32 +141,9 @@ def freeze(model: nn.Module, freeze: FreezeSection, *, lora_enabled: bool) -> Fr
         MoetuneError: an unknown group or preset, an invalid regex, or a quantized weight selected for full
             training (4-bit weights cannot be trained; use LoRA on that group instead).
     """
-    groups_to_train = _selected_groups(freeze.train, lora_enabled)
-    include = _compile(freeze.include, "include")
-    exclude = _compile(freeze.exclude, "exclude")
-    groups = classify_parameters(model)
-    decisions: list[tuple[nn.Parameter, str, bool]] = []
-    quantized: dict[str, list[str]] = {}
-    for name, param in model.named_parameters():
-        group = groups[name]
-        if group == ADAPTER_GROUP:
-            decisions.append((param, group, param.requires_grad))  # PEFT decides for its own parameters
-            continue
-        canonical = canonical_name(name)
-        train = group in groups_to_train or any(p.search(canonical) for p in include)
-        train = train and not any(p.search(canonical) for p in exclude)
-        if train and not param.dtype.is_floating_point:
-            quantized.setdefault(group, []).append(canonical)
-        decisions.append((param, group, train))
-    if quantized:  # checked before anything changes, so a failed call leaves the model as it was
-        details = "; ".join(f"{group}: {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
-                            for group, names in quantized.items())
-        raise MoetuneError(
-            f"`freeze` selects quantized (4-bit) weights for full training, which is impossible ({details}). "
-            "Train these groups with LoRA (`lora.targets`) or keep them frozen with `freeze.exclude`."
-        )
+    decisions = _decide(model, freeze, lora_enabled)
     report = FreezeReport()
-    for param, group, train in decisions:
+    for _, param, group, train in decisions:
         size = _logical_numel(param)
         report.total_by_group[group] = report.total_by_group.get(group, 0) + size
         if group != ADAPTER_GROUP:

@@ -5,7 +5,9 @@ shared-expert, dense-MLP *and* fused routed-expert weights are quantized while t
 (`moetune.quantization.MoEBnb4BitHfQuantizer`); the router, embeddings and lm_head are not.
 """
 
+import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -22,19 +24,33 @@ from moetune.router_controls import apply_router_controls
 logger = logging.getLogger(__name__)
 
 
-def _read_config(section: ModelSection) -> PretrainedConfig:
-    path = section.name_or_path
-    local = Path(path).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise MoetuneError(f"model.name_or_path {path!r} is not a model directory: it has no config.json")
-    elif path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise MoetuneError(f"model.name_or_path {path!r} does not exist")
+def read_config(name_or_path: str, *, trust_remote_code: bool = False):
+    """The model's config from a local directory or the Hub, with user mistakes turned into one-line errors."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise MoetuneError(f"{name_or_path} is a file; give the model directory that holds config.json")
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise MoetuneError(f"{name_or_path} has no config.json: not a Hugging Face model directory")
+        try:
+            raw = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise MoetuneError(f"{config_file} is not valid JSON: {err}") from None
+        if not isinstance(raw, dict) or "model_type" not in raw:
+            raise MoetuneError(f"{config_file} has no `model_type`, so the architecture is unknown")
+    elif _looks_like_path(name_or_path):
+        raise MoetuneError(f"no such model directory: {name_or_path}")
     try:
-        return AutoConfig.from_pretrained(str(local) if local.exists() else path,
-                                          trust_remote_code=section.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise MoetuneError(f"cannot load model config from model.name_or_path {path!r}: {err}") from err
+        return AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        where = str(path) if path.exists() else f"the Hub id {name_or_path!r}"
+        raise MoetuneError(f"cannot read the config of {where}: {str(err).splitlines()[0]}") from None
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are `name` or `org/name`; anything else with a separator is meant as a local path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def _experts_implementation(section: ModelSection, config: PretrainedConfig) -> str | None:
@@ -71,7 +87,10 @@ def load_model(
             support, or (4-bit) an expert weight that stayed unquantized.
     """
     section = ModelSection(name_or_path=model) if isinstance(model, str) else model
-    config = _read_config(section)
+    try:
+        config = read_config(section.name_or_path, trust_remote_code=section.trust_remote_code)
+    except MoetuneError as err:
+        raise MoetuneError(f"model.name_or_path: {err}") from None
     dtype = getattr(torch, section.dtype)
     kwargs = {"dtype": dtype, "trust_remote_code": section.trust_remote_code}
     impl = _experts_implementation(section, config)

@@ -4,13 +4,11 @@ The model is built on the meta device from its config alone: no weights are read
 in seconds. `quantize="4bit"` instead loads the real weights the moetune way and measures resident bytes.
 """
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 from moetune.architectures import GROUPS, classify_parameters, describe_moe
 from moetune.errors import MoetuneError
+from moetune.loading import read_config
 
 
 # Bytes per parameter of an nf4/fp4 weight with double quantization: 4 bits of code, one 8-bit absmax per block
@@ -19,37 +17,6 @@ NF4_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 # Groups whose matrices moetune quantizes in 4-bit mode; the router stays fp32, embeddings, norms and the
 # head stay at the model dtype (bf16).
 QUANTIZED_GROUPS = ("attention", "experts", "shared_experts", "dense_mlp", "mamba", "linear_attention")
-
-
-def load_config(name_or_path: str, *, trust_remote_code: bool = False):
-    """The model's config from a local directory or the Hub, with user mistakes turned into one-line errors."""
-    from transformers import AutoConfig
-
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise MoetuneError(f"{name_or_path} is a file; give the model directory that holds config.json")
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise MoetuneError(f"{name_or_path} has no config.json: not a Hugging Face model directory")
-        try:
-            raw = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise MoetuneError(f"{config_file} is not valid JSON: {err}") from None
-        if not isinstance(raw, dict) or "model_type" not in raw:
-            raise MoetuneError(f"{config_file} has no `model_type`, so the architecture is unknown")
-    elif _looks_like_path(name_or_path):
-        raise MoetuneError(f"no such model directory: {name_or_path}")
-    try:
-        return AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        where = str(path) if path.exists() else f"the Hub id {name_or_path!r}"
-        raise MoetuneError(f"cannot read the config of {where}: {str(err).splitlines()[0]}") from None
-
-
-def _looks_like_path(name: str) -> bool:
-    # Hub ids are `name` or `org/name`; anything else with a separator is meant as a local path.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def build_on_meta(config, *, trust_remote_code: bool = False):
@@ -86,7 +53,7 @@ def inspect_model(name_or_path: str, *, quantize: str | None = None, trust_remot
     Raises:
         MoetuneError: the path or config is bad, or the model is not MoE.
     """
-    config = load_config(name_or_path, trust_remote_code=trust_remote_code)
+    config = read_config(name_or_path, trust_remote_code=trust_remote_code)
     model = build_on_meta(config, trust_remote_code=trust_remote_code)
     info = describe_moe(model)
     groups = classify_parameters(model)

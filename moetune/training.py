@@ -50,7 +50,7 @@ def finetune(
 
     from moetune.adapters import add_adapters
     from moetune.data import load_datasets
-    from moetune.freezing import freeze
+    from moetune.freezing import freeze, modules_trained_in_full
     from moetune.loading import load_model
     from moetune.router_controls import apply_router_controls
     from moetune.trainer import MoETrainer
@@ -59,7 +59,8 @@ def finetune(
     set_seed(args.seed)  # the trainer seeds only after the adapters exist; LoRA's init must repeat too (--resume)
     model, tokenizer = load_model(recipe.model, recipe.quantization, router_fp32=recipe.moe.router_fp32)
     if recipe.lora is not None:
-        model = add_adapters(model, recipe.lora)
+        # Groups trained in full beside LoRA must travel in the adapter dir (PEFT's modules_to_save).
+        model = add_adapters(model, recipe.lora, modules_to_save=modules_trained_in_full(model, recipe.freeze))
     report = freeze(model, recipe.freeze, lora_enabled=recipe.lora is not None)
     _say(state, report.format_table())
     apply_router_controls(model, recipe.moe)

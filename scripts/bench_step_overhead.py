@@ -40,13 +40,16 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["baseline", "all"],
                         choices=["baseline", "telemetry", "zloss", "dropout", "all"],
                         help="all = telemetry + z-loss + expert dropout 0.1 + fp32 router")
+    parser.add_argument("--hidden-size", type=int, default=256,
+                        help="model width; dropout's cost grows with tokens x intermediate, the matmuls' also with this")
+    parser.add_argument("--intermediate-size", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     config = MixtralConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+        hidden_size=args.hidden_size, intermediate_size=args.intermediate_size, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
         num_local_experts=8, num_experts_per_tok=2, vocab_size=1024, max_position_embeddings=args.seq,
         experts_implementation=args.impl,
     )
@@ -75,7 +78,7 @@ def main() -> None:
             sync()
             times[name].append(time.perf_counter() - start)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'cpu'}, {args.threads} threads"
-    print(f"device: {device}; torch {torch.__version__}; Mixtral H256 I512 E8 top-2 4 layers, vocab 1024, "
+    print(f"device: {device}; torch {torch.__version__}; Mixtral H{args.hidden_size} I{args.intermediate_size} E8 top-2 4 layers, vocab 1024, "
           f"batch {args.batch}x{args.seq}, {args.dtype}, experts {args.impl}; "
           f"{args.rounds} interleaved rounds of one step per variant")
     medians = {name: statistics.median(values) for name, values in times.items()}

@@ -126,3 +126,53 @@ def test_table_counts_every_group():
     assert report.total == sum(p.numel() for p in model.parameters())
     for group in set(classify_parameters(model).values()):
         assert group in GROUPS and group in table
+
+
+def test_groups_trained_in_full_beside_lora_are_saved_with_the_adapter(tiny_model_dir, tmp_path):
+    # PEFT saves only adapter weights unless the fully trained modules are its modules_to_save; without them a
+    # LoRA + router fine-tune would silently lose the router on save.
+    from peft import PeftModel
+
+    from moetune.adapters import add_adapters
+    from moetune.config import LoraSection
+    from moetune.freezing import modules_trained_in_full
+
+    path = tiny_model_dir("mixtral")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    section = FreezeSection(train=["router"])
+    to_save = modules_trained_in_full(model, section)
+    assert to_save == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    peft_model = add_adapters(model, LoraSection(r=4, targets=["attention"]), modules_to_save=to_save)
+    freeze(peft_model, section, lora_enabled=True)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or ".modules_to_save." in n for n in trainable)
+
+    ids = torch.randint(6, 512, (2, 12))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.eval()
+    with torch.no_grad():
+        trained_logits = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    router_before = base.model.layers[0].mlp.gate.weight.clone()
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, trained_logits)
+    saved_router = reloaded.base_model.model.model.layers[0].mlp.gate.modules_to_save["default"].weight
+    assert not torch.equal(saved_router, router_before)
+
+
+def test_a_module_cannot_be_both_adapted_and_trained_in_full(tiny_model_dir):
+    from moetune.adapters import add_adapters
+    from moetune.config import LoraSection
+    from moetune.freezing import modules_trained_in_full
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("mixtral"), dtype=torch.float32)
+    to_save = modules_trained_in_full(model, FreezeSection(train=["attention"]))
+    with pytest.raises(MoetuneError, match="both LoRA targets"):
+        add_adapters(model, LoraSection(targets=["attention"]), modules_to_save=to_save)

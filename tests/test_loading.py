@@ -51,10 +51,10 @@ def test_unsupported_kernel_is_a_clear_error(tiny_model_dir):
 
 
 def test_missing_path_and_not_a_model(tmp_path):
-    with pytest.raises(MoetuneError, match="does not exist"):
+    with pytest.raises(MoetuneError, match="model.name_or_path: no such model directory"):
         load_model(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MoetuneError, match="not a model directory.*config.json"):
+    with pytest.raises(MoetuneError, match="has no config.json"):
         load_model(str(tmp_path / "empty"))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "no_such_model"}))
