@@ -72,6 +72,17 @@ def _dequantized_linear4bit(model) -> dict[str, torch.Tensor]:
             for name, m in model.named_modules() if isinstance(m, Linear4bit)}
 
 
+needs_repack_bug = pytest.mark.skipif(not bnb_cpu_repack_fix_needed() or not bnbF.has_avx512bf16(),
+                                      reason="needs bitsandbytes < 0.51 on an AVX512-BF16 CPU")
+
+
+def _stock_4bit(tiny_model_dir):
+    """transformers' own 4-bit load (attention as Linear4bit), without moetune's fix."""
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(_wide(tiny_model_dir), quantization_config=config,
+                                                dtype=torch.bfloat16, device_map="cpu")
+
+
 def _eval_then_state_dict(model, ids):
     model.eval()
     with torch.no_grad():
@@ -79,13 +90,10 @@ def _eval_then_state_dict(model, ids):
     model.state_dict()
 
 
-@pytest.mark.skipif(not bnb_cpu_repack_fix_needed() or not bnbF.has_avx512bf16(),
-                    reason="needs bitsandbytes < 0.51 on an AVX512-BF16 CPU")
+@needs_repack_bug
 def test_bnb_cpu_repack_bug_exists_unpatched(tiny_model_dir):
     """Canary: fails once bitsandbytes no longer corrupts Linear4bit weights (then drop keep_bnb_weights_trainable)."""
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(_wide(tiny_model_dir), quantization_config=config,
-                                                 dtype=torch.bfloat16, device_map="cpu")
+    model = _stock_4bit(tiny_model_dir)
     before = _dequantized_linear4bit(model)
     _eval_then_state_dict(model, torch.randint(6, 400, (1, 8)))
     after = _dequantized_linear4bit(model)
@@ -110,12 +118,9 @@ def test_eval_forward_and_state_dict_leave_4bit_weights_intact(tiny_model_dir, d
     assert keep_bnb_weights_trainable(model) == 0  # idempotent: load_model already applied it
 
 
-@pytest.mark.skipif(not bnb_cpu_repack_fix_needed() or not bnbF.has_avx512bf16(),
-                    reason="needs bitsandbytes < 0.51 on an AVX512-BF16 CPU")
+@needs_repack_bug
 def test_keep_bnb_weights_trainable_undoes_an_earlier_repack(tiny_model_dir):
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(_wide(tiny_model_dir), quantization_config=config,
-                                                 dtype=torch.bfloat16, device_map="cpu")
+    model = _stock_4bit(tiny_model_dir)
     before = _dequantized_linear4bit(model)
     model.eval()
     with torch.no_grad():
