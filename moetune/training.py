@@ -1,5 +1,5 @@
-"""The recipe runner: `finetune(recipe)` = validate -> load -> adapters -> freeze -> router controls -> data ->
-MoETrainer -> train -> save. The CLI's `moetune train` and `accelerate launch -m moetune train` call it.
+"""The recipe runner: `finetune(recipe)` = validate -> load -> adapters -> freeze -> data -> MoETrainer (router
+controls, aux/z-loss, telemetry) -> train -> save. The CLI's `moetune train` and `accelerate launch -m moetune train` call it.
 
     moetune train recipes/demo.yaml --set train.max_steps=20
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m moetune train RECIPE   # 2 CPU ranks
@@ -52,7 +52,6 @@ def finetune(
     from moetune.data import load_datasets
     from moetune.freezing import freeze, modules_trained_in_full
     from moetune.loading import load_model
-    from moetune.router_controls import apply_router_controls
     from moetune.trainer import MoETrainer
 
     args = sft_config(recipe, has_eval=recipe.data.eval is not None, resume=resume)  # bad `train` values fail here
@@ -63,11 +62,11 @@ def finetune(
         model = add_adapters(model, recipe.lora, modules_to_save=modules_trained_in_full(model, recipe.freeze))
     report = freeze(model, recipe.freeze, lora_enabled=recipe.lora is not None)
     _say(state, report.format_table())
-    apply_router_controls(model, recipe.moe)
     data = load_datasets(recipe.data, tokenizer)
     _say(state, data.report.format_text())
 
-    # MoETrainer adds the aux/z losses and, with moe.telemetry, the RoutingTelemetry callback (routing.json/png).
+    # MoETrainer applies the router controls (jitter, fp32 router, expert dropout), adds the aux/z losses and,
+    # with moe.telemetry, the RoutingTelemetry callback (routing.json/png).
     trainer = MoETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                          processing_class=tokenizer, moe=recipe.moe)
     prompts = sample_prompts(data.eval if data.eval is not None else data.train, recipe.output.sample_prompts)
