@@ -62,7 +62,6 @@ def test_two_processes_stay_in_sync_and_only_rank0_writes(tiny_model_dir, tmp_pa
     assert (out / "adapter_model.safetensors").is_file() and (out / "metrics.json").is_file()
 
 
-@pytest.mark.slow
 def test_accelerate_launch_runs_the_cli(tiny_model_dir, tmp_path):
     """The documented launch: `accelerate launch ... -m moetune train RECIPE` on two CPU processes."""
     recipe = _recipe(tmp_path, tiny_model_dir("mixtral"))
