@@ -114,10 +114,14 @@ def test_prepare_for_kbit_training_keeps_4bit_experts_usable(tiny_model_dir, imp
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
-def test_chunked_quantization_is_bit_identical_to_bitsandbytes(quant_type, double_quant):
+def test_chunked_quantization_is_bit_identical_to_bitsandbytes(quant_type, double_quant, monkeypatch):
     import bitsandbytes.functional as F
 
+    import moetune.quantization
     from moetune.quantization import quantize_4bit_chunked
+
+    # 24576 elements in slices of 5120: four full slices and a shorter last one.
+    monkeypatch.setattr(moetune.quantization, "QUANTIZE_SLICE", 5120)
 
     weight = torch.randn(4, 96, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     packed, state = quantize_4bit_chunked(weight, quant_type, double_quant)
