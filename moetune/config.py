@@ -137,6 +137,12 @@ FREEZE_NAMES = (
     "non_experts", "experts", "router", "all",
     "embedding", "attention", "shared_experts", "dense_mlp", "norm", "lm_head", "mamba", "linear_attention",
 )
+def _expand_freeze_name(name: str) -> tuple[str, ...]:
+    """The groups a `freeze.train` entry selects (mirrors freezing.PRESETS without importing torch)."""
+    groups = FREEZE_NAMES[4:] + ("router", "experts")
+    return {"non_experts": tuple(g for g in groups if g != "experts"), "all": groups}.get(name, (name,))
+
+
 LORA_GROUPS = ("attention", "shared_experts", "dense_mlp", "router", "experts")
 # SFTConfig fields that a recipe section already decides: setting them in `train` too would be ambiguous.
 TRAIN_KEYS_OWNED = {
@@ -349,6 +355,15 @@ def _check_cross(raw: dict) -> list[str]:
             problems.append(
                 f"`freeze.train`: unknown group or preset {name!r}{_did_you_mean(name, FREEZE_NAMES)}; "
                 f"allowed: {', '.join(FREEZE_NAMES)}"
+            )
+    if isinstance(lora, dict) and isinstance(names, list):
+        # PEFT cannot both adapt a module and train it in full (modules_to_save), so say it before loading.
+        trained = {g for n in names if isinstance(n, str) for g in _expand_freeze_name(n)}
+        both = [t for t in targets if t in trained]
+        if both:
+            problems.append(
+                f"`freeze.train` {names} trains {both} in full while `lora.targets` adapts {'it' if len(both) == 1 else 'them'}: "
+                "PEFT cannot do both to one module; drop it from one of the two lists (e.g. `freeze.train: [router, norm]`)"
             )
     for key in ("include", "exclude"):
         patterns = freeze.get(key)

@@ -58,6 +58,8 @@ def test_recipe_object_revalidated_with_overrides(base):
 
 # (mutation of the valid recipe or overrides, expected fragment of the message)
 MISTAKES = [
+    ({"lora": {"targets": ["attention"]}, "freeze": {"train": ["non_experts"]}}, [],
+     "`freeze.train` ['non_experts'] trains ['attention'] in full while `lora.targets` adapts it"),
     ({"lorra": {"r": 8}}, [], "unknown key `lorra` (did you mean `lora`?)"),
     ({"lora": {"rank": 8}}, [], "unknown key `lora.rank` (did you mean `r`?)"),
     ({"lora": {"r": "sixteen"}}, [], "`lora.r`: input should be a valid integer"),
@@ -146,3 +148,11 @@ def test_validation_is_fast_and_imports_nothing_heavy(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert float(out[0]) < 1.0 and time.perf_counter() - start < 5
     assert out[1] == "[]"
+
+
+def test_freeze_names_expand_like_the_trainer_presets():
+    from moetune.config import _expand_freeze_name
+    from moetune.freezing import PRESETS
+
+    for name, groups in PRESETS.items():
+        assert set(_expand_freeze_name(name)) == set(groups), name
