@@ -58,20 +58,16 @@ class MoETrainer(SFTTrainer):
         self._count = 0
 
     def _aux_coef(self) -> float:
-        """The recipe's coefficient, else the model's own default (0.001 where the family declares none)."""
+        """The recipe's coefficient, else the model's own live one (0.001 where the family has none)."""
         if not self.moe.aux_loss:
             return 0.0
         if self.moe.aux_loss_coef is not None:
             return self.moe.aux_loss_coef
-        text_config = self.model.config.get_text_config()
-        for key in ("router_aux_loss_coef", "aux_loss_coef"):
-            value = getattr(text_config, key, None)
-            if value is not None:
-                return float(value)
-        ffn = getattr(text_config, "ffn_config", None)  # dbrx
-        if ffn is not None and getattr(ffn, "moe_loss_weight", None) is not None:
-            return float(ffn.moe_loss_weight)
-        return 0.001
+        # The architecture map knows which *ForCausalLM attribute holds it (dbrx: from ffn_config.moe_loss_weight,
+        # jetmoe: aux_loss_coef); PEFT wrappers forward the attribute.
+        attr = self.moe_info.aux_coef_attr
+        value = getattr(self.model, attr, None) if attr is not None else None
+        return float(value) if value is not None else 0.001
 
     def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
         """Mirrors `Trainer.training_step`: True when it will NOT divide the returned loss by the GA steps."""
@@ -95,11 +91,13 @@ class MoETrainer(SFTTrainer):
             if self._loss_scaled_for_accumulation(num_items_in_batch):
                 extra = extra / self.current_gradient_accumulation_steps
             loss = loss + extra.to(loss.dtype)
-            self._sums["aux_loss"] += float(aux.detach())
-            self._sums["z_loss"] += float(z.detach())
+        # One gather and one host sync per micro-batch for both values (this runs on every step).
+        aux_value, z_value = self.accelerator.gather_for_metrics(
+            torch.stack([aux.detach().float(), z.detach().float()]).reshape(1, 2)).mean(0).tolist()
+        if mode == "train":
+            self._sums["aux_loss"] += aux_value
+            self._sums["z_loss"] += z_value
             self._count += 1
-        aux_value = self.accelerator.gather_for_metrics(aux.detach().reshape(1)).mean().item()
-        z_value = self.accelerator.gather_for_metrics(z.detach().reshape(1)).mean().item()
         self._metrics[mode]["aux_loss"].append(aux_value)
         self._metrics[mode]["z_loss"].append(z_value)
         return (loss, outputs) if return_outputs else loss
