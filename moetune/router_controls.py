@@ -17,7 +17,7 @@ from transformers.integrations.moe import _default_apply_gate  # private, but tr
 from moetune.architectures import find_moe_layers
 from moetune.config import MoESection
 from moetune.errors import MoetuneError
-from moetune.router_losses import _innermost, _router_output_index
+from moetune.router_losses import innermost_module, router_output_index
 
 
 logger = logging.getLogger(__name__)
@@ -69,9 +69,9 @@ def apply_router_controls(model: nn.Module, moe: MoESection) -> RouterControls:
         if moe.router_fp32:
             _router_to_fp32(layer.router, controls)
         if moe.router_fp32 or moe.router_jitter > 0:
-            logits_index = _router_output_index(model, _innermost(layer.router))
+            logits_index = router_output_index(model, innermost_module(layer.router))
             # transformers' fused experts kernels take fp32 routing weights and cast their result back themselves
-            fused = hasattr(_innermost(layer.experts), "is_concatenated")
+            fused = hasattr(innermost_module(layer.experts), "is_concatenated")
             _wrap_router_forward(layer.router, moe.router_jitter, moe.router_fp32, logits_index, fused, controls)
         if moe.expert_dropout > 0:
             _add_expert_dropout(layer.experts, moe.expert_dropout, controls)
@@ -120,7 +120,7 @@ def _wrap_router_forward(router: nn.Module, jitter: float, fp32: bool, logits_in
 
 
 def _add_expert_dropout(experts: nn.Module, p: float, controls: RouterControls) -> None:
-    experts = _innermost(experts)
+    experts = innermost_module(experts)
     gate = getattr(type(experts), "_apply_gate", None)
     if gate is not None and gate is not _default_apply_gate:
         # gpt-oss style: the family's own `_apply_gate` (used by the eager forward and by transformers' grouped_mm /

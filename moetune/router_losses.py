@@ -88,7 +88,7 @@ def router_z_loss(router_logits: Sequence[torch.Tensor], *, token_mask: torch.Te
     return total / rows.clamp_min(1.0)
 
 
-def _router_output_index(model: nn.Module, router: nn.Module) -> int:
+def router_output_index(model: nn.Module, router: nn.Module) -> int:
     """Which element of the router's output tuple holds the logits: transformers' own `_can_record_outputs`."""
     for module in model.modules():
         recorders = getattr(module, "_can_record_outputs", None) or {}
@@ -102,7 +102,7 @@ def _router_output_index(model: nn.Module, router: nn.Module) -> int:
     return 0
 
 
-def _innermost(module: nn.Module) -> nn.Module:
+def innermost_module(module: nn.Module) -> nn.Module:
     """The module inside PEFT wrappers (ParamWrapper / ModulesToSaveWrapper nest it as `base_layer`)."""
     while hasattr(module, "base_layer"):
         module = module.base_layer
@@ -131,7 +131,7 @@ class RouterCapture:
             model.register_forward_hook(self._end, always_call=True),
         ]
         for layer in self.layers:
-            index = _router_output_index(model, _innermost(layer.router))
+            index = router_output_index(model, innermost_module(layer.router))
             self._handles.append(layer.router.register_forward_hook(self._router_hook(layer.index, index)))
             self._handles.append(layer.experts.register_forward_pre_hook(self._experts_hook(layer.index)))
 
