@@ -272,6 +272,7 @@ def classify_parameters(model: nn.Module) -> dict[str, str]:
             continue
         canonical = canonical_name(name)
         owner = modules.get(canonical.rsplit(".", 1)[0])
+        owner = getattr(owner, "original_module", owner)  # PEFT's modules_to_save wrapper: the module it copies
         group = _group_of(canonical, owner, spec, layers_name, layers, moe_indices)
         if group is None:
             unplaced.append(canonical)

@@ -16,3 +16,9 @@ class RecipeError(MoetuneError):
     """A recipe that does not validate. Exit code 2, like argparse's usage errors."""
 
     exit_code = 2
+
+
+class TrainingDiverged(MoetuneError):
+    """The loss or the gradient norm became NaN or infinite; training stopped before saving anything broken."""
+
+    exit_code = 3

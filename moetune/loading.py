@@ -16,9 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from moetune._compat import keep_bnb_weights_trainable
-from moetune.config import ModelSection, MoESection, QuantizationSection
+from moetune.config import ModelSection, QuantizationSection
 from moetune.errors import MoetuneError
-from moetune.router_controls import apply_router_controls
 
 
 logger = logging.getLogger(__name__)
@@ -77,7 +76,8 @@ def load_model(
     Args:
         model: the recipe's `model` section, or just a path / Hub id (other fields at their defaults).
         quantization: the recipe's `quantization` section; None loads in `model.dtype` without quantization.
-        router_fp32: keep router weights and logits in fp32.
+        router_fp32: (4-bit) load the router weights in fp32. Training controls (fp32 routing math, jitter,
+            expert dropout) are not installed here: `MoETrainer` installs them once, on the modules that train.
 
     Returns:
         `(model, tokenizer)`. A 4-bit model has `is_loaded_in_4bit` set and every expert weight in 4-bit.
@@ -113,9 +113,6 @@ def load_model(
     except (OSError, ValueError) as err:
         raise MoetuneError(f"cannot load a tokenizer from model.name_or_path {section.name_or_path!r}: {err}") from err
 
-    if router_fp32:
-        # fp32 router weights and fp32 routing math; the recipe runner re-applies controls with its `moe` section.
-        apply_router_controls(loaded, MoESection(router_fp32=True))
     if quantization is not None:
         from moetune.quantization import check_experts_quantized
 
@@ -124,3 +121,12 @@ def load_model(
                     dict(sorted(report.items())))
         keep_bnb_weights_trainable(loaded)
     return loaded, tokenizer
+
+
+def load_tokenizer(model: ModelSection | str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model directory or Hub id, without loading any weights."""
+    section = ModelSection(name_or_path=model) if isinstance(model, str) else model
+    try:
+        return AutoTokenizer.from_pretrained(section.name_or_path, trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise MoetuneError(f"cannot load a tokenizer from model.name_or_path {section.name_or_path!r}: {err}") from err

@@ -66,6 +66,7 @@ def apply_router_controls(model: nn.Module, moe: MoESection) -> RouterControls:
         previous.remove()
     controls = RouterControls()
     for layer in find_moe_layers(model):
+        _drop_stale_copies(layer.router)
         if moe.router_fp32:
             _router_to_fp32(layer.router, controls)
         if moe.router_fp32 or moe.router_jitter > 0:
@@ -78,6 +79,20 @@ def apply_router_controls(model: nn.Module, moe: MoESection) -> RouterControls:
     object.__setattr__(model, _ATTR, controls)  # a plain attribute: not a submodule, not in the state dict
     controls._add(lambda: object.__setattr__(model, _ATTR, None))
     return controls
+
+
+def _drop_stale_copies(router: nn.Module) -> None:
+    """Remove router forwards that were copied from another module (e.g. by PEFT's `modules_to_save`).
+
+    Our router forward is an instance attribute closing over the module it was installed on. `copy.deepcopy` of
+    that module (what PEFT does to make the trainable copy) keeps the same function, so the copy would call the
+    frozen original and never train. Such copies get their class's forward back; controls are installed anew.
+    """
+    for module in router.modules():
+        forward = module.__dict__.get("forward")
+        owner = getattr(forward, "_moetune_router", None)
+        if owner is not None and owner is not module:
+            del module.forward
 
 
 def _router_to_fp32(router: nn.Module, controls: RouterControls) -> None:
@@ -115,6 +130,7 @@ def _wrap_router_forward(router: nn.Module, jitter: float, fp32: bool, logits_in
             else item for i, item in enumerate(output)
         )
 
+    forward._moetune_router = router  # lets _drop_stale_copies tell a copied forward from this one
     router.forward = forward
     controls._add(lambda: delattr(router, "forward"))
 

@@ -7,6 +7,9 @@ the recipe's coefficient for every family, padding excluded. The LM loss stays T
 """
 
 import logging
+import math
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,8 +17,10 @@ from trl import SFTTrainer
 
 from moetune.architectures import describe_moe
 from moetune.config import MoESection
+from moetune.errors import MoetuneError, TrainingDiverged
 from moetune.router_controls import apply_router_controls
 from moetune.router_losses import RouterCapture
+from moetune.run_dir import RunDir, mark_checkpoint_complete
 from moetune.telemetry import RoutingTelemetry
 
 
@@ -91,9 +96,12 @@ class MoETrainer(SFTTrainer):
             if self._loss_scaled_for_accumulation(num_items_in_batch):
                 extra = extra / self.current_gradient_accumulation_steps
             loss = loss + extra.to(loss.dtype)
-        # One gather and one host sync per micro-batch for both values (this runs on every step).
-        aux_value, z_value = self.accelerator.gather_for_metrics(
-            torch.stack([aux.detach().float(), z.detach().float()]).reshape(1, 2)).mean(0).tolist()
+        # One gather and one host sync per micro-batch for the three values (this runs on every step); every rank
+        # sees the same numbers, so every rank stops together on a non-finite loss.
+        loss_value, aux_value, z_value = self.accelerator.gather_for_metrics(torch.stack(
+            [loss.detach().float().to(aux.device), aux.detach().float(), z.detach().float()]).reshape(1, 3)).mean(0).tolist()
+        if mode == "train" and not math.isfinite(loss_value):
+            self._diverged("loss", loss_value, f"aux_loss={aux_value:.4g}, z_loss={z_value:.4g}")
         if mode == "train":
             self._sums["aux_loss"] += aux_value
             self._sums["z_loss"] += z_value
@@ -101,6 +109,92 @@ class MoETrainer(SFTTrainer):
         self._metrics[mode]["aux_loss"].append(aux_value)
         self._metrics[mode]["z_loss"].append(z_value)
         return (loss, outputs) if return_outputs else loss
+
+    # ----------------------------------------------------------------------------------- divergence
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Runs after clipping and before `optimizer.step()`: a non-finite norm stops here, so the weights never
+        # take a NaN update (clipping by a NaN norm would write NaN into every trained weight).
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            self._diverged("gradient norm", float(grad_norm), "before the optimizer step, so no weight was changed")
+        return grad_norm
+
+    def _diverged(self, what: str, value: float, detail: str) -> None:
+        step = self.state.global_step + 1
+        checkpoint, _ = RunDir(self.args.output_dir).last_complete_checkpoint()
+        last = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
+        raise TrainingDiverged(
+            f"training diverged at step {step}: the {what} is {value} ({detail}). Nothing was saved as the final "
+            f"model; {last}. Try a lower train.learning_rate, train.max_grad_norm (e.g. 1.0), smaller "
+            "moe.aux_loss_coef / moe.z_loss_coef, or model.dtype: float32 / bfloat16 instead of float16; then "
+            "start again (or --resume from the checkpoint)"
+        )
+
+    def check_weights_finite(self, where: str) -> None:
+        """Raise `TrainingDiverged` if a trained weight holds NaN or inf (checked before anything is saved)."""
+        trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        if not trained:
+            return
+        norms = torch.stack([torch.linalg.vector_norm(p.detach().float()) for _, p in trained])
+        bad = [name for (name, _), ok in zip(trained, torch.isfinite(norms).tolist()) if not ok]
+        if bad:
+            self._diverged("weights", float("nan"), f"{len(bad)} trained tensor(s) non-finite before the {where} "
+                           f"was written, e.g. {bad[0]}")
+
+    # ----------------------------------------------------------------------------------- checkpoints
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.check_weights_finite("checkpoint")
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:  # written last: `--resume` takes only checkpoints that carry it
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            mark_checkpoint_complete(folder)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # transformers 5.23 writes v5 MoE models in the per-expert checkpoint layout (experts.N.w1, for serving
+        # engines) but `Trainer._load_from_checkpoint` reads checkpoints back without the weight conversion, so a
+        # resumed full fine-tune silently kept its pre-resume expert and router weights (docs/upstream.md,
+        # "Trainer resume"). Checkpoints are therefore written in the runtime (fused) layout, which reloads key
+        # for key; the final model keeps transformers' default layout.
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        is_checkpoint = output_dir is not None and re.fullmatch(r"checkpoint-\d+", Path(output_dir).name)
+        if not is_checkpoint or not hasattr(model, "save_pretrained") or hasattr(model, "peft_config"):
+            return super()._save(output_dir, state_dict)
+        original = model.save_pretrained
+
+        def save_fused(*args, **kwargs):
+            return original(*args, **{**kwargs, "save_original_format": False})
+
+        model.save_pretrained = save_fused
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # PEFT's `load_adapter` upcasts adapter weights to fp32, while TRL trains LoRA in bf16 on a 4-bit base: keep
+        # the dtypes training ran in, or the resumed run would continue in another precision than it started.
+        model = model if model is not None else self.model
+        dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        for name, param in model.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # Upstream only warns about missing keys on resume; a missing key here means a weight silently keeps its
+        # pre-resume value, which is wrong training. Tied weights are the one legitimate absence.
+        base = self.accelerator.unwrap_model(self.model)
+        tied = set(getattr(base, "_tied_weights_keys", None) or {}) | set(getattr(base, "_keys_to_ignore_on_save", None) or [])
+        missing = [k for k in load_result.missing_keys if k not in tied]
+        if missing:
+            raise MoetuneError(
+                f"the checkpoint does not hold {len(missing)} weight(s) of this model (e.g. {missing[0]}), so resuming "
+                "would train on with stale values. It was probably written in the per-expert layout by another tool "
+                "or an older moetune; start the run again instead of --resume"
+            )
+        super()._issue_warnings_after_load(load_result)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.telemetry is not None and self.model.training and "loss" in logs:

@@ -11,15 +11,18 @@ malformed, too long, per split), `trainer_state.json` and the routing report (ro
 """
 
 import json
-import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from moetune.config import Recipe, dump_recipe, load_recipe
 from moetune.errors import MoetuneError, RecipeError
+from moetune.run_dir import RunDir, write_atomic
 
 
 SAMPLE_MAX_NEW_TOKENS = 48
+# Sections that must not change between a run and its --resume: the weights in its checkpoints depend on them.
+_SETUP_SECTIONS = ("model", "quantization", "lora", "freeze")
 
 
 def finetune(
@@ -27,25 +30,72 @@ def finetune(
 ) -> tuple[Path, dict]:
     """Run a recipe end to end.
 
+    Everything that can be checked (the recipe, `train` as a real trl.SFTConfig, the model's config, the
+    tokenizer and the data) is checked before the output dir is touched, so a mistake costs nothing.
+
     Args:
         recipe: a `Recipe`, a dict of sections or a YAML path.
         overrides: `key.path=value` strings applied on top (see `load_recipe`).
-        resume: continue from the last `checkpoint-N` in `output.dir` (same data order, same loss trajectory).
-        overwrite: delete a previous moetune output in `output.dir` first.
+        resume: continue from the last complete `checkpoint-N` in `output.dir` (same data order, same loss
+            trajectory). A finished run is left as it is unless the recipe asks for more steps or epochs.
+        overwrite: delete a previous moetune run in `output.dir` first (only a dir moetune created).
 
     Returns:
         (output dir, final metrics as written to metrics.json).
     """
+    recipe_file = Path(recipe) if isinstance(recipe, (str, Path)) else None
     recipe = load_recipe(recipe, overrides)  # every recipe mistake surfaces here, before anything heavy
     import torch
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU ranks, nccl on GPUs (STACK.md §7)
-    out = Path(recipe.output.dir).expanduser()
-    checkpoint = _prepare_output_dir(out, resume=resume, overwrite=overwrite, state=state)
-    if state.is_main_process:
-        (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU ranks, nccl on GPUs (docs/upstream.md)
+    run = RunDir(recipe.output.dir, recipe_file=recipe_file)
+    run.check(resume=resume, overwrite=overwrite)
+    if resume:
+        _check_same_setup(recipe, run)
+        finished = run.finished()
+        if finished is not None and not _asks_for_more(recipe, run):
+            _say(state, f"{run.path} already finished at step {finished.get('global_step')}; nothing to do. To train "
+                        "longer, raise train.max_steps or train.num_train_epochs and --resume again.")
+            return run.path, json.loads((run.path / "metrics.json").read_text(encoding="utf-8"))
 
+    args = sft_config(recipe, has_eval=recipe.data.eval is not None, resume=resume)  # bad `train` values fail here
+    from moetune.data import load_datasets
+    from moetune.loading import load_tokenizer, read_config
+
+    read_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    data = load_datasets(recipe.data, load_tokenizer(recipe.model))
+    _say(state, data.report.format_text())
+
+    with _claimed(run, state, resume=resume, overwrite=overwrite) as skipped:
+        for checkpoint, why in skipped:
+            _say(state, f"--resume: skipped {checkpoint.name}: {why}")
+        checkpoint, _ = run.last_complete_checkpoint() if resume else (None, [])
+        if checkpoint is not None:
+            _say(state, f"--resume: continuing from {checkpoint}")
+        if state.is_main_process and not resume:
+            write_atomic(run.path / "recipe.yaml", dump_recipe(recipe))
+            run.set_status("running")
+        trainer = build_trainer(recipe, args=args, data=data)
+        _say(state, trainer.freeze_report.format_table())
+        metrics = _train_and_save(trainer, recipe, run, state, checkpoint, data)
+    _say(state, _summary(run.path, metrics))
+    return run.path, metrics
+
+
+def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None):
+    """The `MoETrainer` a recipe describes, ready to `train()`: load -> adapters -> freeze -> data -> trainer.
+
+    Writes nothing. The seam for custom loops and tests: `finetune` is this plus the run dir, training and saving.
+
+    Args:
+        recipe: a `Recipe`, a dict of sections or a YAML path.
+        args: the trl.SFTConfig to use (default: `sft_config(recipe)`).
+        data: already loaded `moetune.data.LoadedData` (default: load `recipe.data` with the model's tokenizer).
+
+    Returns:
+        The trainer, with `freeze_report` (trainable parameters per group) and `data_report` attached.
+    """
     from transformers import set_seed
 
     from moetune.adapters import add_adapters
@@ -54,21 +104,28 @@ def finetune(
     from moetune.loading import load_model
     from moetune.trainer import MoETrainer
 
-    args = sft_config(recipe, has_eval=recipe.data.eval is not None, resume=resume)  # bad `train` values fail here
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    args = args if args is not None else sft_config(recipe, has_eval=recipe.data.eval is not None)
     set_seed(args.seed)  # the trainer seeds only after the adapters exist; LoRA's init must repeat too (--resume)
     model, tokenizer = load_model(recipe.model, recipe.quantization, router_fp32=recipe.moe.router_fp32)
     if recipe.lora is not None:
         # Groups trained in full beside LoRA must travel in the adapter dir (PEFT's modules_to_save).
         model = add_adapters(model, recipe.lora, modules_to_save=modules_trained_in_full(model, recipe.freeze))
     report = freeze(model, recipe.freeze, lora_enabled=recipe.lora is not None)
-    _say(state, report.format_table())
-    data = load_datasets(recipe.data, tokenizer)
-    _say(state, data.report.format_text())
-
-    # MoETrainer applies the router controls (jitter, fp32 router, expert dropout), adds the aux/z losses and,
-    # with moe.telemetry, the RoutingTelemetry callback (routing.json/png).
+    if report.trainable == 0:
+        raise MoetuneError("nothing to train: `freeze` leaves every parameter frozen and there are no LoRA adapters; "
+                           "set `freeze.train` (e.g. [non_experts]) or add a `lora` section")
+    data = data if data is not None else load_datasets(recipe.data, tokenizer)
+    # MoETrainer installs the router controls (jitter, fp32 router, expert dropout) on the modules that train,
+    # adds the aux/z losses and, with moe.telemetry, the RoutingTelemetry callback (routing.json/png).
     trainer = MoETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                          processing_class=tokenizer, moe=recipe.moe)
+    trainer.freeze_report, trainer.data_report = report, data.report
+    return trainer
+
+
+def _train_and_save(trainer, recipe: Recipe, run: RunDir, state, checkpoint: Path | None, data) -> dict[str, Any]:
+    model, tokenizer = trainer.model, trainer.processing_class
     prompts = sample_prompts(data.eval if data.eval is not None else data.train, recipe.output.sample_prompts)
     if prompts and state.is_main_process:
         _say(state, "Sample generations before training:\n" + format_samples(generate(model, tokenizer, prompts), tokenizer))
@@ -87,11 +144,14 @@ def finetune(
     metrics.update({"aux_loss": None, "z_loss": None, **trainer.router_loss_means()})  # unweighted run means
     metrics["global_step"] = trainer.state.global_step
 
-    trainer.save_model(str(out))  # adapter (PEFT layout) or full model + tokenizer; main process only
+    trainer.check_weights_finite("final model")  # a diverged run is never saved as a finished model
+    trainer.save_model(str(run.path))  # adapter (PEFT layout) or full model + tokenizer; main process only
     trainer.save_state()
     if state.is_main_process:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        (out / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_atomic(run.path / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_atomic(run.path / "data_report.json", json.dumps(data.report.to_dict(), indent=2) + "\n")
+        write_atomic(run.path / "recipe.yaml", dump_recipe(recipe))  # on --resume: only once it succeeded
+        run.set_status("finished", global_step=trainer.state.global_step)
     if prompts and state.is_main_process:
         _say(state, "Sample generations after training:\n" + format_samples(generate(model, tokenizer, prompts), tokenizer))
     if recipe.output.push_to_hub and state.is_main_process:
@@ -99,8 +159,67 @@ def finetune(
         trainer.model.push_to_hub(recipe.output.hub_repo_id, private=recipe.output.private)
         tokenizer.push_to_hub(recipe.output.hub_repo_id, private=recipe.output.private)
     state.wait_for_everyone()
-    _say(state, _summary(out, metrics))
-    return out, metrics
+    return metrics
+
+
+@contextmanager
+def _claimed(run: RunDir, state, *, resume: bool, overwrite: bool):
+    """The main process claims (creates, locks, maybe empties) the run dir; every rank learns whether it could."""
+    state.wait_for_everyone()  # every rank has checked before the main process changes anything
+    if not state.is_main_process:
+        _raise_if(_broadcast_error(state, None))
+        yield []
+        return
+    try:
+        with run.claim(resume=resume, overwrite=overwrite) as skipped:
+            _broadcast_error(state, "")
+            yield skipped
+    except MoetuneError as err:
+        if not getattr(err, "_broadcast", False):
+            _broadcast_error(state, str(err))
+        raise
+
+
+def _broadcast_error(state, message: str | None) -> str | None:
+    """Main: send `message` ("" = fine). Others: receive it. A no-op on one process."""
+    if state.num_processes == 1:
+        return message
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _raise_if(message: str | None) -> None:
+    if message:
+        err = MoetuneError(f"the main process could not claim the output dir: {message}")
+        err._broadcast = True
+        raise err
+
+
+def _check_same_setup(recipe: Recipe, run: RunDir) -> None:
+    stored_file = run.path / "recipe.yaml"
+    if not stored_file.is_file():
+        return
+    stored = load_recipe(stored_file)
+    changed = [s for s in _SETUP_SECTIONS if getattr(stored, s) != getattr(recipe, s)]
+    if changed:
+        raise RecipeError(
+            f"--resume: the recipe's {', '.join(changed)} section(s) differ from the run in {run.path} "
+            f"({stored_file}); its checkpoints only fit the setup they were trained with. Resume with the same "
+            "sections, or start a new run elsewhere"
+        )
+
+
+def _asks_for_more(recipe: Recipe, run: RunDir) -> bool:
+    """Whether a --resume of a finished run asks for more training than the run did."""
+    stored = load_recipe(run.path / "recipe.yaml").train if (run.path / "recipe.yaml").is_file() else {}
+    for key in ("max_steps", "num_train_epochs"):
+        new, old = recipe.train.get(key), stored.get(key)
+        if new is not None and (old is None or new > old):
+            return True
+    return False
 
 
 def sft_config(recipe: Recipe, *, has_eval: bool, resume: bool = False):
@@ -153,39 +272,6 @@ def sft_config(recipe: Recipe, *, has_eval: bool, resume: bool = False):
         return SFTConfig(**kwargs)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"`train` is not a valid trl.SFTConfig: {err}") from None
-
-
-def _prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, state) -> Path | None:
-    """Never clobber a previous run by accident. Returns the checkpoint to resume from, if any."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if resume and overwrite:
-        raise MoetuneError("--resume and --overwrite contradict each other: pick one")
-    nonempty = out.is_dir() and any(out.iterdir())
-    checkpoint = None
-    if resume:
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is None:
-            raise MoetuneError(f"--resume: no checkpoint-N directory in {out} to resume from")
-        checkpoint = Path(last)
-    elif nonempty and not overwrite:
-        raise MoetuneError(
-            f"output dir {out} is not empty: pass --resume to continue from its last checkpoint, --overwrite to "
-            "delete it and start over, or set output.dir elsewhere"
-        )
-    elif nonempty and overwrite and not _looks_like_output(out):
-        raise MoetuneError(f"--overwrite: refusing to delete {out}, it does not look like a moetune output dir")
-    state.wait_for_everyone()  # every rank has looked before the main process changes anything
-    if state.is_main_process:
-        if nonempty and overwrite:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-    state.wait_for_everyone()
-    return checkpoint
-
-
-def _looks_like_output(out: Path) -> bool:
-    return (out / "recipe.yaml").is_file() or any(out.glob("checkpoint-*"))
 
 
 # ------------------------------------------------------------------------------------------ sample generations
