@@ -46,9 +46,11 @@ def _experts_override(arch: str, count: int) -> dict:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from moetune.config import load_recipe
+    from moetune.config import load_recipe, recipe_warnings
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides, log_warnings=False)  # printed here instead, as `warning:` lines
+    for warning in recipe_warnings(recipe):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.recipe}: OK (model {recipe.model.name_or_path}, output {recipe.output.dir})")
 
 

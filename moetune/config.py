@@ -10,6 +10,8 @@ import copy
 import difflib
 import functools
 import importlib.util
+import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -20,10 +22,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moetune.errors import RecipeError
+from moetune.textfiles import NotUtf8Text, decode_utf8
+
+
+logger = logging.getLogger(__name__)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # allow_inf_nan=False: `.inf`/`.nan` are valid YAML floats but never a sensible rate or coefficient.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
 
 
 class ModelSection(Strict):
@@ -172,13 +180,15 @@ def parse_yaml(text: str, where: str = "<string>") -> Any:
         raise RecipeError(f"{where}: not valid YAML: {err}") from None
 
 
-def load_recipe(source: "str | Path | dict | Recipe", overrides: Sequence[str] = ()) -> Recipe:
+def load_recipe(source: "str | Path | dict | Recipe", overrides: Sequence[str] = (), *,
+                log_warnings: bool = True) -> Recipe:
     """Read, override and validate a recipe; raise one `RecipeError` listing every problem found.
 
     Args:
         source: a YAML file path, a dict with the recipe's sections, or a `Recipe` (re-validated with overrides).
         overrides: `key.path=value` strings; the value is read as YAML (`train.learning_rate=1e-4`,
             `lora=null` removes a section, `lora.targets=[attention,experts]`).
+        log_warnings: log `recipe_warnings` (suspicious but legal settings) on the `moetune.config` logger.
     """
     where = "recipe"
     if isinstance(source, Recipe):
@@ -186,13 +196,10 @@ def load_recipe(source: "str | Path | dict | Recipe", overrides: Sequence[str] =
     elif isinstance(source, dict):
         raw = copy.deepcopy(source)
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise RecipeError(f"recipe file not found: {str(source)!r}")
-        where = str(path)
-        raw = parse_yaml(path.read_text(encoding="utf-8"), where)
+        where = str(source)
+        raw = parse_yaml(_read_recipe_text(Path(source)), where)
         if raw is None:
-            raw = {}
+            raise RecipeError(f"{where}: the recipe is empty; it needs at least the sections model, data and output")
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a recipe is a mapping of sections (model, data, output, ...), got {type(raw).__name__}")
     problems = [_apply_override(raw, item) for item in overrides]
@@ -206,7 +213,45 @@ def load_recipe(source: "str | Path | dict | Recipe", overrides: Sequence[str] =
     if problems:
         head = f"{where} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:"
         raise RecipeError("\n  - ".join([head, *problems]))
+    if log_warnings:
+        for warning in recipe_warnings(recipe):
+            logger.warning(warning)
     return recipe
+
+
+def _read_recipe_text(path: Path) -> str:
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.yaml"))[:3]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise RecipeError(f"{path}: is a directory, not a recipe file{hint}")
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {str(path)!r}")
+    try:
+        return decode_utf8(path.read_bytes())
+    except NotUtf8Text as err:
+        raise RecipeError(f"{path}: {err}") from None
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """Settings that are legal but almost certainly not what the user meant, one line each."""
+    warnings = []
+    if not recipe.moe.aux_loss and recipe.moe.aux_loss_coef is not None:
+        warnings.append(f"`moe.aux_loss_coef` ({recipe.moe.aux_loss_coef}) has no effect because `moe.aux_loss` is "
+                        "false; remove one of the two")
+    train = recipe.train
+    if _is_zero(train.get("max_steps")):
+        # TrainingArguments treats max_steps <= 0 as "not set" and trains for num_train_epochs instead.
+        epochs = train.get("num_train_epochs", 3.0)  # TrainingArguments' default
+        warnings.append(f"`train.max_steps: 0` is not a limit: values <= 0 mean unset, so training runs for "
+                        f"`train.num_train_epochs` instead ({epochs} epochs)")
+    positive_steps = isinstance(train.get("max_steps"), int) and train["max_steps"] > 0
+    if _is_zero(train.get("num_train_epochs")) and not positive_steps:
+        warnings.append("`train.num_train_epochs: 0` trains for zero steps: the output is the untrained model")
+    return warnings
+
+
+def _is_zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -267,6 +312,8 @@ def _explain(error: dict) -> str:
         return f"`{key}`: got {given!r}; allowed: {error['ctx']['expected']}"
     if kind == "model_type":
         return f"`{key}` must be a section (a mapping of keys), got {given!r}"
+    if kind == "finite_number":
+        return f"`{key}` must be a finite number, got {given!r}"
     return f"`{key}`: {error['msg'][0].lower()}{error['msg'][1:]} (got {given!r})"
 
 
@@ -294,7 +341,10 @@ def _check_raw(raw: dict) -> list[str]:
     train = raw.get("train")
     if isinstance(train, dict):
         valid = sft_config_fields()
+        problems += _check_train_values(train)
         for key in train:
+            if _SECRET_KEY.search(str(key)):
+                continue  # reported by _check_train_values, which never echoes the value
             if key in TRAIN_KEYS_OWNED:
                 problems.append(f"`train.{key}`: set it with {TRAIN_KEYS_OWNED[key]} instead, moetune passes it to TRL")
             elif key not in valid:
@@ -306,6 +356,38 @@ def _check_raw(raw: dict) -> list[str]:
     if isinstance(out_dir, str) and Path(out_dir).expanduser().is_file():
         problems.append(f"`output.dir`: {out_dir!r} is a file, not a directory")
     return problems
+
+
+# `train` keys that hold credentials. TrainingArguments' only one is `hub_token` (`push_to_hub_token` is its
+# removed predecessor); the rest catches secrets meant for other tools (report_to integrations).
+_SECRET_KEY = re.compile(r"hub_token|access_token|auth_token|api_key|secret|password", re.IGNORECASE)
+
+
+def _check_train_values(train: dict) -> list[str]:
+    """Values of the free-form `train` section that pydantic cannot check: secrets and non-finite floats."""
+    problems = []
+    for key in train:
+        if _SECRET_KEY.search(str(key)):
+            instead = "set HF_TOKEN or run `hf auth login`" if "hub" in str(key).lower() else \
+                "set it in the environment of the tool that reads it"
+            problems.append(f"`train.{key}`: tokens never go in a recipe (they would be written to recipe.yaml and "
+                            f"training_args.bin): {instead}")
+    for key, value in _leaves(train, "train"):
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"`{key}` must be a finite number, got {value!r}")
+    return problems
+
+
+def _leaves(node: Any, key: str) -> Iterable[tuple[str, Any]]:
+    """(dotted key, value) of every scalar in nested dicts and lists (`train.lr_scheduler_kwargs.min_lr`)."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            yield from _leaves(value, f"{key}.{name}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{key}[{i}]")
+    else:
+        yield key, node
 
 
 def _check_data_source(key: str, source: str) -> str | None:

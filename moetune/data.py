@@ -17,7 +17,9 @@ format it will be prompted with), else the classic Alpaca prompt text.
 """
 
 import csv
+import io
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +27,15 @@ from typing import Any
 
 from moetune.config import DATA_SUFFIXES, DataSection
 from moetune.errors import MoetuneError
+from moetune.textfiles import NotUtf8Text, decode_utf8
 
 
+logger = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
 MAX_EXAMPLES = 5  # how many malformed / too-long rows the report quotes per split
+# The columns that identify each format (what `auto` detection looks for).
+FORMAT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"),
+                  "alpaca": ("instruction", "output"), "text": ("text",)}
 ALPACA_PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 
 
@@ -44,6 +51,7 @@ class SplitReport:
     malformed_examples: list[str] = field(default_factory=list)
     too_long: int = 0
     too_long_examples: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def add_malformed(self, where: str, reason: str) -> None:
         self.malformed += 1
@@ -98,6 +106,9 @@ def _load_split(split: str, source: str, data: DataSection, tokenizer, report: D
     rows = _read_rows(source, f"data.{split}", rep)
     rep.rows_read = len(rows) + rep.malformed
     rep.format = data.format if data.format != "auto" else _detect_format(rows, f"data.{split}", source)
+    for warning in _suspicious_rows(rows, rep.format, f"data.{split}"):
+        logger.warning(warning)
+        rep.warnings.append(warning)
     tokenize = _Tokenizer(tokenizer, rep.format, data.assistant_only_loss)
     columns: dict[str, list] = {"input_ids": []}
     if tokenize.mask_column:
@@ -134,35 +145,69 @@ def _read_rows(source: str, key: str, rep: SplitReport) -> list[tuple[str, Any]]
     if not path.is_file():
         raise MoetuneError(f"`{key}`: data file {source!r} not found")
     suffix, name = path.suffix.lower(), path.name
+    if suffix not in DATA_SUFFIXES:
+        raise MoetuneError(f"`{key}`: {source!r} has an unsupported file type; allowed: {', '.join(DATA_SUFFIXES)}")
+    if suffix == ".parquet":
+        return _read_parquet(path, key)
+    text = _read_text(path, key)
     if suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((f"{name}:{line_no}", json.loads(line)))
-                except json.JSONDecodeError as err:
-                    rep.add_malformed(f"{name}:{line_no}", f"not valid JSON ({err.msg})")
-        return rows
+        return _jsonl_rows(text, name, rep)
     if suffix == ".json":
+        return _json_rows(text, name, key, source)
+    return _csv_rows(text, name, key, source)
+
+
+def _jsonl_rows(text: str, name: str, rep: SplitReport) -> list[tuple[str, Any]]:
+    rows = []
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
         try:
-            content = json.loads(path.read_text(encoding="utf-8"))
+            rows.append((f"{name}:{line_no}", json.loads(line)))
         except json.JSONDecodeError as err:
-            raise MoetuneError(f"`{key}`: {source!r} is not valid JSON ({err})") from None
-        if isinstance(content, dict):  # {"data": [...]} / {"train": [...]}: the one list inside
-            lists = [v for v in content.values() if isinstance(v, list)]
-            content = lists[0] if len(lists) == 1 else content
-        if not isinstance(content, list):
-            raise MoetuneError(f"`{key}`: {source!r} must hold a list of rows (or a mapping with one list)")
-        return [(f"{name}:row {i}", row) for i, row in enumerate(content, 1)]
-    if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            # Line 1 is the header; rows are numbered as lines (multi-line fields make this approximate).
-            return [(f"{name}:{i}", row) for i, row in enumerate(csv.DictReader(f), 2)]
+            rep.add_malformed(f"{name}:{line_no}", f"not valid JSON ({err.msg})")
+    return rows
+
+
+def _json_rows(text: str, name: str, key: str, source: str) -> list[tuple[str, Any]]:
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MoetuneError(f"`{key}`: {source!r} is not valid JSON ({err})") from None
+    if isinstance(content, dict):  # {"data": [...]} / {"train": [...]}: the one list inside
+        lists = [v for v in content.values() if isinstance(v, list)]
+        content = lists[0] if len(lists) == 1 else content
+    if not isinstance(content, list):
+        raise MoetuneError(f"`{key}`: {source!r} must hold a list of rows (or a mapping with one list)")
+    return [(f"{name}:row {i}", row) for i, row in enumerate(content, 1)]
+
+
+def _csv_rows(text: str, name: str, key: str, source: str) -> list[tuple[str, Any]]:
+    # Line 1 is the header; rows are numbered as lines (multi-line fields make this approximate).
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        return [(f"{name}:{i}", row) for i, row in enumerate(reader, 2)]
+    except csv.Error as err:
+        raise MoetuneError(f"`{key}`: {source!r} is not valid CSV at line {reader.line_num}: {err}") from None
+
+
+def _read_text(path: Path, key: str) -> str:
+    try:
+        return decode_utf8(path.read_bytes())
+    except NotUtf8Text as err:
+        raise MoetuneError(f"`{key}`: {path}: {err}") from None
+
+
+def _read_parquet(path: Path, key: str) -> list[tuple[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return [(f"{name}:row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist(), 1)]
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:  # ArrowInvalid for a cut-off footer, OSError for corrupt metadata
+        reason = str(err).split(": ", 1)[-1].splitlines()[0]
+        raise MoetuneError(f"`{key}`: {path} is not a readable parquet file (truncated or not parquet: {reason})") from None
+    return [(f"{path.name}:row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
 
 
 def _read_hub(source: str, key: str) -> list[tuple[str, Any]]:
@@ -200,6 +245,34 @@ def _detect_format(rows: list[tuple[str, Any]], key: str, source: str) -> str:
         f"`{key}`: cannot tell the format of {source!r} from its columns {sorted(seen) or '(none)'}; expected "
         "messages, prompt+completion, instruction+output (alpaca) or text. Set `data.format` or rename the columns."
     )
+
+
+def _suspicious_rows(rows: list[tuple[str, Any]], fmt: str, key: str) -> list[str]:
+    """Legal rows that are probably mistakes, one warning per kind: count and first file:line."""
+    empty_turns, first_empty = 0, None
+    foreign: dict[str, list] = {}  # other format -> [count, first where]
+    for where, row in rows:
+        if not isinstance(row, dict):
+            continue  # reported as malformed when tokenized
+        for col in ("messages", "prompt", "completion"):
+            turns = row.get(col)
+            for m in turns if isinstance(turns, list) else []:
+                if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str) \
+                        and not m["content"].strip():
+                    empty_turns += 1
+                    first_empty = first_empty or where
+        for other, columns in FORMAT_COLUMNS.items():
+            if other != fmt and all(row.get(c) not in (None, "") for c in columns):
+                foreign.setdefault(other, [0, where])[0] += 1
+    warnings = []
+    if empty_turns:
+        warnings.append(f"`{key}`: {empty_turns} assistant turn{'s' if empty_turns > 1 else ''} with empty content "
+                        f"(first: {first_empty}); the model learns to answer them with nothing")
+    for other, (count, first) in foreign.items():
+        warnings.append(f"`{key}`: {count} row{'s' if count > 1 else ''} of {fmt} data "
+                        f"{'have' if count > 1 else 'has'} {other} columns ({', '.join(FORMAT_COLUMNS[other])}) "
+                        f"(first: {first}); only the {fmt} columns are read")
+    return warnings
 
 
 # ----------------------------------------------------------------------------------------------- tokenizing

@@ -12,12 +12,15 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from moetune._compat import keep_bnb_weights_trainable
 from moetune.config import ModelSection, QuantizationSection
 from moetune.errors import MoetuneError
+from moetune.textfiles import NotUtf8Text, decode_utf8
 
 
 logger = logging.getLogger(__name__)
@@ -33,18 +36,100 @@ def read_config(name_or_path: str, *, trust_remote_code: bool = False):
         if not config_file.is_file():
             raise MoetuneError(f"{name_or_path} has no config.json: not a Hugging Face model directory")
         try:
-            raw = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raw = json.loads(decode_utf8(config_file.read_bytes()))
+        except (json.JSONDecodeError, NotUtf8Text) as err:
             raise MoetuneError(f"{config_file} is not valid JSON: {err}") from None
         if not isinstance(raw, dict) or "model_type" not in raw:
             raise MoetuneError(f"{config_file} has no `model_type`, so the architecture is unknown")
+        _check_sizes(raw, config_file)
     elif _looks_like_path(name_or_path):
         raise MoetuneError(f"no such model directory: {name_or_path}")
     try:
         return AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path, trust_remote_code=trust_remote_code)
+    except StrictDataclassError as err:
+        # transformers v5 configs are strict dataclasses (not a ValueError): the last line names the field, the
+        # expected type and the value ("TypeError: Field 'hidden_size' expected int, got NoneType (value: None)").
+        where = str(path / "config.json") if path.exists() else f"the config of Hub id {name_or_path!r}"
+        cause = str(err).splitlines()[-1].strip()
+        raise MoetuneError(f"{where}: {re.sub(r'^[A-Za-z]+Error: ', '', cause)}") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         where = str(path) if path.exists() else f"the Hub id {name_or_path!r}"
         raise MoetuneError(f"cannot read the config of {where}: {str(err).splitlines()[0]}") from None
+
+
+# Sizes that every model needs positive; transformers accepts 0 or -1 here and fails later, deep in model code
+# (ZeroDivisionError, "negative dimension"). Counts that may be 0 (shared experts, dense layers) are not listed.
+_POSITIVE_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "num_experts_per_tok",
+                   "num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _check_sizes(raw: dict, config_file: Path) -> None:
+    for section in (raw, raw.get("text_config")):
+        for key in _POSITIVE_SIZES if isinstance(section, dict) else ():
+            value = section.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+                raise MoetuneError(f"{config_file}: `{key}` must be a positive integer, got {value}")
+
+
+def _check_weight_files(path: Path) -> None:
+    """Fail before loading anything when a local checkpoint's safetensors files are missing or cut short.
+
+    safetensors' own error ("incomplete metadata, file not fully covered") does not say which file it means.
+    Same order as transformers: a single model.safetensors wins over an index.
+    """
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise MoetuneError(f"{index} is not a valid safetensors index ({type(err).__name__}: {err})") from None
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing:
+            raise MoetuneError(f"{index} names {len(missing)} shard file{'s' if len(missing) > 1 else ''} that "
+                               f"{'are' if len(missing) > 1 else 'is'} missing: {', '.join(missing[:3])}")
+        files = [path / name for name in shards]
+    else:
+        files = []  # .bin or no weights at all: transformers' own OSError names the folder
+    for file in files:
+        _check_safetensors_size(file)
+
+
+def _check_safetensors_size(file: Path) -> None:
+    """The file must be exactly 8 + header length + the end of its last tensor, as safetensors requires."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+        if header_len is None or 8 + header_len > size:
+            raise MoetuneError(f"{file} is truncated or not a safetensors file ({size} bytes); re-download or re-save it")
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            raise MoetuneError(f"{file} is not a safetensors file (unreadable header); re-download or re-save it") from None
+    expected = 8 + header_len + end
+    if size != expected:
+        raise MoetuneError(f"{file} is truncated or damaged: {size} bytes, but its header describes {expected}; "
+                           "re-download or re-save it")
+
+
+# Files a tokenizer is loaded from (fast, sentencepiece, BPE vocab, Mistral's tekken).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "tekken.json")
+
+
+def _load_tokenizer(section: ModelSection) -> PreTrainedTokenizerBase:
+    path = Path(section.name_or_path).expanduser()
+    if path.is_dir() and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise MoetuneError(f"model.name_or_path: {section.name_or_path} has no tokenizer (none of "
+                           f"{', '.join(_TOKENIZER_FILES[:3])}, ...): copy the tokenizer files of the base model into it")
+    try:
+        return AutoTokenizer.from_pretrained(section.name_or_path, trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())[:300]  # transformers' messages span several lines
+        raise MoetuneError(f"model.name_or_path: cannot load a tokenizer from {section.name_or_path!r}: {reason}") from err
 
 
 def _looks_like_path(name: str) -> bool:
@@ -70,7 +155,8 @@ def load_model(
     quantization: QuantizationSection | None = None,
     *,
     router_fp32: bool = True,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    with_tokenizer: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load an MoE causal LM and its tokenizer.
 
     Args:
@@ -78,12 +164,14 @@ def load_model(
         quantization: the recipe's `quantization` section; None loads in `model.dtype` without quantization.
         router_fp32: (4-bit) load the router weights in fp32. Training controls (fp32 routing math, jitter,
             expert dropout) are not installed here: `MoETrainer` installs them once, on the modules that train.
+        with_tokenizer: False for weights-only use (`moetune inspect --quantize`): no tokenizer needed, None returned.
 
     Returns:
         `(model, tokenizer)`. A 4-bit model has `is_loaded_in_4bit` set and every expert weight in 4-bit.
 
     Raises:
-        MoetuneError: a missing path, a directory that is not a model, an experts kernel the family does not
+        MoetuneError: a missing path, a directory that is not a model, a bad config.json, missing or truncated
+            weight files, no tokenizer (checked before any weight is read), an experts kernel the family does not
             support, or (4-bit) an expert weight that stayed unquantized.
     """
     section = ModelSection(name_or_path=model) if isinstance(model, str) else model
@@ -101,6 +189,14 @@ def load_model(
 
         kwargs["quantization_config"] = quantize_config(quantization, dtype, router_fp32=router_fp32)
         kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    # The tokenizer first: it loads in a moment, and a folder without one should fail before gigabytes of weights.
+    tokenizer = _load_tokenizer(section) if with_tokenizer else None
+    local = Path(section.name_or_path).expanduser()
+    if local.is_dir():
+        try:
+            _check_weight_files(local)
+        except MoetuneError as err:
+            raise MoetuneError(f"model.name_or_path: {err}") from None
     try:
         loaded = AutoModelForCausalLM.from_pretrained(section.name_or_path, config=config, **kwargs)
     except ValueError as err:
@@ -108,10 +204,10 @@ def load_model(
             raise MoetuneError(f"model.experts_implementation={impl!r} is not supported by "
                                f"{config.model_type}: {err}") from err
         raise
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(section.name_or_path, trust_remote_code=section.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise MoetuneError(f"cannot load a tokenizer from model.name_or_path {section.name_or_path!r}: {err}") from err
+    except (SafetensorError, OSError) as err:
+        # What the checks above cannot see: no weight file at all, a Hub id offline, a damaged tensor inside a file.
+        raise MoetuneError(f"model.name_or_path: cannot load the weights of {section.name_or_path!r}: "
+                           f"{str(err).strip().splitlines()[0]}") from err
 
     if quantization is not None:
         from moetune.quantization import check_experts_quantized
@@ -125,8 +221,4 @@ def load_model(
 
 def load_tokenizer(model: ModelSection | str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model directory or Hub id, without loading any weights."""
-    section = ModelSection(name_or_path=model) if isinstance(model, str) else model
-    try:
-        return AutoTokenizer.from_pretrained(section.name_or_path, trust_remote_code=section.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise MoetuneError(f"cannot load a tokenizer from model.name_or_path {section.name_or_path!r}: {err}") from err
+    return _load_tokenizer(ModelSection(name_or_path=model) if isinstance(model, str) else model)

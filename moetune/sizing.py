@@ -110,7 +110,9 @@ def _add_measured(report: dict[str, Any], name_or_path: str, quantize: str) -> N
     report["resident_bytes"] = measured["resident_bytes"]
     report["bytes_per_param"] = measured["bytes_per_param"]
     for group, values in measured["groups"].items():
-        report["groups"].setdefault(group, {"params": values.get("params", 0)})["resident_bytes"] = values["resident_bytes"]
+        # Buffers are no parameter group of the estimate; give them zero estimates so the table can print them.
+        estimate = {"params": values.get("params", 0), "share": 0.0, "bytes_bf16": 0, "bytes_4bit": 0}
+        report["groups"].setdefault(group, estimate)["resident_bytes"] = values["resident_bytes"]
 
 
 def _count(n: float) -> str:
