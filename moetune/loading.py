@@ -154,7 +154,7 @@ def load_model(
     model: ModelSection | str,
     quantization: QuantizationSection | None = None,
     *,
-    router_fp32: bool = True,
+    router_fp32: bool = False,
     with_tokenizer: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load an MoE causal LM and its tokenizer.
@@ -162,7 +162,8 @@ def load_model(
     Args:
         model: the recipe's `model` section, or just a path / Hub id (other fields at their defaults).
         quantization: the recipe's `quantization` section; None loads in `model.dtype` without quantization.
-        router_fp32: (4-bit) load the router weights in fp32. Training controls (fp32 routing math, jitter,
+        router_fp32: (4-bit) load the router weights in fp32 (the model then needs `MoETrainer` or
+            `apply_router_controls` to run its router in fp32). Training controls (fp32 routing math, jitter,
             expert dropout) are not installed here: `MoETrainer` installs them once, on the modules that train.
         with_tokenizer: False for weights-only use (`moetune inspect --quantize`): no tokenizer needed, None returned.
 

@@ -347,7 +347,7 @@ def measure_quantized(name_or_path: str, quantization: QuantizationSection) -> d
     """
     from moetune.loading import load_model
 
-    model, _ = load_model(name_or_path, quantization, with_tokenizer=False)  # weights-only folders are fine here
+    model, _ = load_model(name_or_path, quantization, with_tokenizer=False, router_fp32=True)  # as training holds it
     groups = usage_by_group(model)
     total = sum(g["resident_bytes"] for g in groups.values())
     params = sum(g["params"] for g in groups.values())
