@@ -17,7 +17,7 @@ from transformers.integrations.moe import _default_apply_gate  # private, but tr
 from moetune.architectures import find_moe_layers
 from moetune.config import MoESection
 from moetune.errors import MoetuneError
-from moetune.router_losses import innermost_module, router_output_index
+from moetune.router_capture import innermost_module, router_output_index
 
 
 logger = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from trl import SFTTrainer
 
 from moetune.architectures import describe_moe
 from moetune.config import MoESection
+from moetune.router_capture import RouterCapture
 from moetune.router_controls import apply_router_controls
-from moetune.router_losses import RouterCapture
 from moetune.telemetry import RoutingTelemetry
 
 
