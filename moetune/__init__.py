@@ -20,6 +20,7 @@ _EXPORTS = {
     "load_recipe": "config",
     "describe_moe": "architectures",
     "find_moe_layers": "architectures",
+    "moe_layout": "architectures",
     "classify_parameters": "architectures",
     "group_parameters": "architectures",
     "inspect_model": "sizing",

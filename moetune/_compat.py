@@ -5,7 +5,7 @@ models in the same process, and both are no-ops once the upstream versions that 
 
 1. PEFT < 0.22: `ParamWrapper` (LoRA via `target_parameters`) on a parameter that is already parametrized,
    which is what a 4-bit bitsandbytes expert weight is (`bitsandbytes.nn.parametrize`), has two silent bugs
-   (measured on peft 0.21.2, STACK.md §4):
+   (measured on peft 0.21.2, docs/upstream.md#peft-param-wrapper):
    a. `_remove_parametrizations` only removes a `_LoraParameterProxy`. A single adapter on a 3-D expert weight
       uses a `_LoraFactorsProxy`, which is never removed, so proxies pile up: the LoRA delta is applied once
       more on every forward and memory grows.
@@ -19,8 +19,8 @@ models in the same process, and both are no-ops once the upstream versions that 
 2. bitsandbytes <= 0.50.x on CPUs with AVX512-BF16: `Linear4bit.forward` in eval mode without grad repacks
    its weight into a CPU inference layout (`_convert_weight_packed_for_cpu`). The inverse, run by
    `state_dict()`, leaves absmax transposed in bf16 when double quantization is off, so saving corrupts
-   weights; and after the repack QLoRA training on CPU silently stops learning (STACK.md §3, last two
-   bullets). The recipe runner evaluates before training, which takes that path.
+   weights; and after the repack QLoRA training on CPU silently stops learning (docs/upstream.md#bnb-cpu-repack).
+   The recipe runner evaluates before training, which takes that path.
    `keep_bnb_weights_trainable(model)` turns the repack off on the model's Linear4bit modules and undoes a
    repack that already happened. Call it once after loading (`load_model` already does).
    Upstream code: https://github.com/bitsandbytes-foundation/bitsandbytes/blob/0.50.2/bitsandbytes/nn/modules.py
@@ -105,7 +105,7 @@ def fix_peft_param_wrappers(model: nn.Module) -> int:
         if not isinstance(module, ParamWrapper) or "_activate_lora" in module.__dict__:
             continue
         if not parametrize.is_parametrized(module.get_base_layer(), module.parameter_name):
-            continue  # unquantized weights are not affected (STACK.md §4)
+            continue  # unquantized weights are not affected (docs/upstream.md#peft-param-wrapper)
         # Instance attributes shadow the class methods for this wrapper only.
         module._activate_lora = types.MethodType(_activate_lora, module)
         module._remove_parametrizations = types.MethodType(_remove_parametrizations, module)

@@ -4,8 +4,8 @@
 or explicit names into explicit PEFT lists of *full* names: `target_modules` for Linear layers (4-bit ones
 too) and `target_parameters` for the fused 3-D expert weights and routers that are not Linear. Never
 "all-linear": on several families PEFT's v4->v5 compatibility map then also adds LoRA to every expert and
-the router (STACK.md §4). Full names because PEFT's suffix matching does not see parameters that are
-already parametrized (4-bit experts).
+the router (docs/upstream.md#peft-all-linear). Full names because PEFT's suffix matching does not see
+parameters that are already parametrized (4-bit experts).
 """
 
 import itertools
@@ -21,15 +21,13 @@ from moetune._compat import fix_peft_param_wrappers
 from moetune.architectures import canonical_name, classify_parameters, describe_moe, find_moe_layers
 from moetune.config import LoraSection
 from moetune.errors import MoetuneError
-
-
-GROUP_TARGETS = ("attention", "shared_experts", "dense_mlp", "router", "experts")
+from moetune.rules import LORA_GROUPS, is_adapter_name, is_expert_weight
 
 
 def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Canonical module name -> module, for every nn.Linear (bitsandbytes Linear4bit is one too)."""
     return {canonical_name(name): module for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and "lora_" not in name}
+            if isinstance(module, nn.Linear) and not is_adapter_name(name)}
 
 
 def _owner_group(model: nn.Module) -> dict[str, str]:
@@ -60,9 +58,7 @@ def _expert_targets(model: nn.Module) -> list[str]:
     for layer in find_moe_layers(model):
         for name, param in layer.experts.named_parameters():
             full = canonical_name(f"{layer.experts_name}.{name}")
-            if "lora_" in name or full.startswith(f"{layer.router_name}.") or "bias" in name:
-                continue
-            if param.dim() >= 2:
+            if param.dim() >= 2 and is_expert_weight(full, layer.router_name):
                 params.append(full)
     return sorted(set(params))
 
@@ -93,7 +89,7 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> tuple[list[str], li
             params |= set(_expert_targets(model))
         else:
             modules |= {n for n in linears if n == target or n.endswith(f".{target}")}
-            all_params = {canonical_name(n) for n, _ in model.named_parameters() if "lora_" not in n}
+            all_params = {canonical_name(n) for n, _ in model.named_parameters() if not is_adapter_name(n)}
             params |= {n for n in all_params if (n == target or n.endswith(f".{target}"))
                        and n.rpartition(".")[0] not in linears}
         if len(modules) + len(params) == before:
@@ -102,7 +98,7 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> tuple[list[str], li
 
 
 def _nothing_message(model: nn.Module, target: str, owner_group: dict[str, str]) -> str:
-    present = sorted(set(owner_group.values()) & set(GROUP_TARGETS))
+    present = sorted(set(owner_group.values()) & set(LORA_GROUPS))
     examples = sorted({n.rpartition(".")[2] for n in _linear_modules(model)})
     return (f"lora.targets entry {target!r} matches nothing in this {model.config.model_type!r} model. "
             f"It has the groups {present} and Linear layers named {examples}; "
@@ -175,8 +171,9 @@ def _match_nesting(saved: dict[str, torch.Tensor], expected: dict[str, torch.Ten
     """Rename saved LoRA keys to this model's ParamWrapper nesting order.
 
     PEFT nests the wrappers of several parameters of one module in sorted-name order when the parameters are
-    parametrized (4-bit) and in `named_parameters` order otherwise (STACK.md §4), so an adapter trained on a
-    4-bit base has outer/inner levels swapped relative to a bf16 base. Levels are matched by tensor shapes.
+    parametrized (4-bit) and in `named_parameters` order otherwise (docs/upstream.md#peft-nesting-order), so an
+    adapter trained on a 4-bit base has outer/inner levels swapped relative to a bf16 base. Levels are matched by
+    tensor shapes.
     """
     saved_groups, expected_groups = _by_wrapper_depth(saved), _by_wrapper_depth(expected)
     out = {}

@@ -15,14 +15,14 @@ from typing import Literal
 from torch import nn
 
 from moetune.errors import MoetuneError
+from moetune.rules import ADAPTER_GROUP as ADAPTER_GROUP  # group names: owned by moetune.rules, re-exported here
+from moetune.rules import BASE_GROUPS as BASE_GROUPS
+from moetune.rules import GROUPS as GROUPS
+from moetune.rules import MIXER_GROUPS as MIXER_GROUPS
+from moetune.rules import is_adapter_name, is_expert_param
 
 
 logger = logging.getLogger(__name__)
-
-BASE_GROUPS = ("embedding", "attention", "router", "experts", "shared_experts", "dense_mlp", "norm", "lm_head")
-MIXER_GROUPS = ("mamba", "linear_attention")  # real non-attention token mixers get a group of their own
-ADAPTER_GROUP = "adapter"  # PEFT's own parameters (lora_A, lora_B, ...) in a wrapped model
-GROUPS = BASE_GROUPS + MIXER_GROUPS
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class MoESpec:
     mixers: tuple[tuple[str, str], ...] = ()  # (layer attribute, group) of non-attention mixers
     scoring: Literal["softmax", "sigmoid"] = "softmax"
     computes_aux_loss: bool = True  # does the model add a load-balancing loss itself when output_router_logits
-    aux_coef_attr: str | None = "router_aux_loss_coef"  # the live coefficient on the *ForCausalLM (STACK.md §1)
+    aux_coef_attr: str | None = "router_aux_loss_coef"  # live coef on *ForCausalLM (docs/upstream.md#aux-loss-coefficient)
     uses_experts_implementation: bool = True  # experts decorated with @use_experts_implementation
     attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -198,56 +198,109 @@ def _spec_for(model: nn.Module) -> tuple[MoESpec, bool]:
     return spec, True
 
 
+@dataclass
+class MoELayout:
+    """Where a model's MoE parts are, worked out once per model: its spec, decoder layers and MoE layers."""
+
+    model_type: str
+    spec: MoESpec
+    guessed: bool
+    layers_name: str
+    layers: nn.ModuleList
+    num_layers: int
+    moe_layers: list[MoELayer]
+
+    def is_current(self, base: nn.Module) -> bool:
+        """Still true of `base`: same family, and the same module objects at every recorded path."""
+        if _model_type(base.config) != self.model_type or _get(base, self.layers_name) is not self.layers:
+            return False
+        return len(self.layers) == self.num_layers and all(
+            _moe_layer(self.layers[layer.index], layer.index, self.layers_name, self.spec) == layer
+            for layer in self.moe_layers
+        )
+
+
+_LAYOUT_ATTR = "_moetune_moe_layout"
+
+
+def moe_layout(model: nn.Module) -> MoELayout:
+    """The MoE layout of a (possibly PEFT-wrapped) model, computed on first use and kept on the model.
+
+    Why a cache on the model rather than a layout passed by every caller: `trainer.py`, `training.py`, telemetry
+    and router controls each ask for the layout of the same model, and a value kept on the model reaches all of
+    them with unchanged signatures. The risk is a stale layout: PEFT replaces modules in place (the experts
+    become a `ParamWrapper`, a `modules_to_save` router a `ModulesToSaveWrapper`) while the model object stays
+    the same. So every use first checks that the recorded block, router, experts and shared modules are still the
+    objects found at their paths (a few getattr per MoE layer, no module walk), and recomputes when one is not.
+    Parameter names are never cached: callers still read `named_parameters()` live.
+
+    Raises:
+        MoetuneError: the model is not MoE.
+    """
+    base = _unwrap(model)
+    layout = base.__dict__.get(_LAYOUT_ATTR)
+    if layout is None or not layout.is_current(base):
+        layout = _compute_layout(base)
+        object.__setattr__(base, _LAYOUT_ATTR, layout)  # a plain attribute: not a submodule, not in the state dict
+    return layout
+
+
+def _moe_layer(layer: nn.Module, index: int, layers_name: str, spec: MoESpec) -> MoELayer | None:
+    block = _get(layer, spec.block)
+    router = _get(block, spec.router) if block is not None else None
+    experts = _get(block, spec.experts) if block is not None else None
+    if router is None or experts is None:
+        return None  # a dense layer
+    prefix = f"{layers_name}.{index}"
+    block_name = f"{prefix}.{spec.block}"
+    shared = [(f"{block_name}.{n}", _get(block, n)) for n in spec.shared if _get(block, n) is not None]
+    shared += [(f"{prefix}.{n}", _get(layer, n)) for n in spec.layer_shared if _get(layer, n) is not None]
+    return MoELayer(
+        index=index, block_name=block_name, block=block,
+        router_name=f"{block_name}.{spec.router}", router=router,
+        experts_name=f"{block_name}.{spec.experts}".rstrip("."), experts=experts, shared=shared,
+    )
+
+
+def _compute_layout(base: nn.Module) -> MoELayout:
+    spec, guessed = _spec_for(base)
+    layers_name, layers = _decoder_layers(base)
+    found = [m for index, layer in enumerate(layers) if (m := _moe_layer(layer, index, layers_name, spec)) is not None]
+    if not found:
+        raise MoetuneError(f"{_model_type(base.config)!r} has no MoE layers: no layer has both a router and experts")
+    return MoELayout(model_type=_model_type(base.config), spec=spec, guessed=guessed, layers_name=layers_name,
+                     layers=layers, num_layers=len(layers), moe_layers=found)
+
+
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every decoder layer that has routed experts, with its block, router, experts and shared experts."""
-    spec, _ = _spec_for(model)
-    layers_name, layers = _decoder_layers(_unwrap(model))
-    found = []
-    for index, layer in enumerate(layers):
-        block = _get(layer, spec.block)
-        router = _get(block, spec.router) if block is not None else None
-        experts = _get(block, spec.experts) if block is not None else None
-        if router is None or experts is None:
-            continue  # a dense layer
-        prefix = f"{layers_name}.{index}"
-        block_name = f"{prefix}.{spec.block}"
-        shared = [(f"{block_name}.{n}", _get(block, n)) for n in spec.shared if _get(block, n) is not None]
-        shared += [(f"{prefix}.{n}", _get(layer, n)) for n in spec.layer_shared if _get(layer, n) is not None]
-        found.append(MoELayer(
-            index=index, block_name=block_name, block=block,
-            router_name=f"{block_name}.{spec.router}", router=router,
-            experts_name=f"{block_name}.{spec.experts}".rstrip("."), experts=experts, shared=shared,
-        ))
-    if not found:
-        raise MoetuneError(f"{_model_type(_unwrap(model).config)!r} has no MoE layers: no layer has both a router and experts")
-    return found
+    return list(moe_layout(model).moe_layers)
 
 
 def describe_moe(model: nn.Module) -> MoEInfo:
     """Number of experts, top-k, MoE layers, router scoring and aux-loss facts of a (possibly wrapped) model."""
     base = _unwrap(model)
-    spec, guessed = _spec_for(base)
-    moe_layers = find_moe_layers(base)
+    layout = moe_layout(base)
+    spec = layout.spec
     config = base.config.get_text_config()
     num_experts = _config_value(config, _NUM_EXPERTS_KEYS)
     top_k = _config_value(config, _TOP_K_KEYS)
     if num_experts is None or top_k is None:
         raise MoetuneError(f"cannot read the number of experts / top-k from the {config.model_type!r} config")
-    experts = moe_layers[0].experts
-    router_prefix = spec.router + "."  # JetMoE keeps its router inside the module that holds the expert weights
+    experts = layout.moe_layers[0].experts
+    # Relative names; JetMoE keeps its router inside the module that holds the expert weights.
     expert_params = tuple(sorted({canonical_name(n) for n, _ in experts.named_parameters()
-                                  if not _ADAPTER_PARAM.search(n) and not n.startswith(router_prefix)}))
+                                  if is_expert_param(n, spec.router)}))
     return MoEInfo(
         model_type=config.model_type, num_experts=num_experts, top_k=top_k,
-        moe_layers=[layer.index for layer in moe_layers], num_layers=len(_decoder_layers(base)[1]),
+        moe_layers=[layer.index for layer in layout.moe_layers], num_layers=layout.num_layers,
         router_scoring=spec.scoring, model_computes_aux_loss=spec.computes_aux_loss, aux_coef_attr=spec.aux_coef_attr,
         uses_experts_implementation=spec.uses_experts_implementation and hasattr(experts, "is_concatenated"),
         expert_param_names=expert_params, attention_projections=spec.attention_projections,
-        norm_topk_prob=getattr(config, "norm_topk_prob", None), guessed=guessed,
+        norm_topk_prob=getattr(config, "norm_topk_prob", None), guessed=layout.guessed,
     )
 
 
-_ADAPTER_PARAM = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
 _NORM_CLASS = re.compile(r"Norm", re.IGNORECASE)
 _ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
 _LINEAR_ATTENTION_CLASS = re.compile(r"LinearAttention|Lightning|GatedDeltaNet", re.IGNORECASE)
@@ -260,14 +313,14 @@ def classify_parameters(model: nn.Module) -> dict[str, str]:
         MoetuneError: the model is not MoE, or a parameter fits no group (a family this map does not know yet).
     """
     base = _unwrap(model)
-    spec, _ = _spec_for(base)
-    layers_name, layers = _decoder_layers(base)
-    moe_indices = {layer.index for layer in find_moe_layers(base)}
+    layout = moe_layout(base)
+    spec, layers_name, layers = layout.spec, layout.layers_name, layout.layers
+    moe_indices = {layer.index for layer in layout.moe_layers}
     modules = dict(base.named_modules())
     groups: dict[str, str] = {}
     unplaced = []
     for name, _param in model.named_parameters():
-        if _ADAPTER_PARAM.search(name):
+        if is_adapter_name(name):
             groups[name] = ADAPTER_GROUP
             continue
         canonical = canonical_name(name)

@@ -22,6 +22,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moetune.errors import RecipeError
+from moetune.rules import (
+    DATA_SUFFIXES,
+    FREEZE_NAMES,
+    LORA_GROUPS,
+    expand_freeze_names,
+    is_hub_id,
+    is_local_data_source,
+    is_local_model_path,
+)
 from moetune.textfiles import NotUtf8Text, decode_utf8
 
 
@@ -139,19 +148,6 @@ class Recipe(Strict):
 # Loading: YAML (or a dict) + `key.path=value` overrides -> a validated Recipe, every problem reported at once.
 # Nothing here imports torch, transformers or trl: a recipe mistake must surface in well under a second.
 
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-FREEZE_NAMES = (
-    # presets (see freezing.py) and parameter groups (see architectures.py)
-    "non_experts", "experts", "router", "all",
-    "embedding", "attention", "shared_experts", "dense_mlp", "norm", "lm_head", "mamba", "linear_attention",
-)
-def _expand_freeze_name(name: str) -> tuple[str, ...]:
-    """The groups a `freeze.train` entry selects (mirrors freezing.PRESETS without importing torch)."""
-    groups = FREEZE_NAMES[4:] + ("router", "experts")
-    return {"non_experts": tuple(g for g in groups if g != "experts"), "all": groups}.get(name, (name,))
-
-
-LORA_GROUPS = ("attention", "shared_experts", "dense_mlp", "router", "experts")
 # SFTConfig fields that a recipe section already decides: setting them in `train` too would be ambiguous.
 TRAIN_KEYS_OWNED = {
     "output_dir": "output.dir", "max_length": "data.max_length", "packing": "data.packing",
@@ -333,7 +329,7 @@ def _check_raw(raw: dict) -> list[str]:
                 problems.append(problem)
     model = _sub(raw, "model")
     name = model.get("name_or_path")
-    if isinstance(name, str) and name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+    if isinstance(name, str) and is_local_model_path(name) and not Path(name).expanduser().is_dir():
         problems.append(
             f"`model.name_or_path`: local model directory {name!r} not found (relative paths are read from the "
             f"current directory, {os.getcwd()})"
@@ -392,10 +388,9 @@ def _leaves(node: Any, key: str) -> Iterable[tuple[str, Any]]:
 
 def _check_data_source(key: str, source: str) -> str | None:
     path = Path(source).expanduser()
-    local = path.suffix.lower() in DATA_SUFFIXES or source.startswith((".", "/", "~")) or path.exists()
-    if not local:
+    if not is_local_data_source(source):
         repo = source.split(":", 1)[0]
-        if not _HUB_ID.match(repo):
+        if not is_hub_id(repo):
             return f"`{key}`: {source!r} is neither a local {'/'.join(DATA_SUFFIXES)} file nor a Hub dataset id (name, owner/name or owner/name:split)"
         return None
     if path.suffix.lower() not in DATA_SUFFIXES:
@@ -408,7 +403,6 @@ def _check_data_source(key: str, source: str) -> str | None:
 # Names other tools use for our keys, so the did-you-mean can point at ours.
 _ALIASES = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets", "model_name": "name_or_path",
             "output_dir": "dir", "torch_dtype": "dtype", "dataset": "train", "max_seq_length": "max_length"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def _check_cross(raw: dict) -> list[str]:
@@ -440,7 +434,7 @@ def _check_cross(raw: dict) -> list[str]:
             )
     if isinstance(lora, dict) and isinstance(names, list):
         # PEFT cannot both adapt a module and train it in full (modules_to_save), so say it before loading.
-        trained = {g for n in names if isinstance(n, str) for g in _expand_freeze_name(n)}
+        trained = expand_freeze_names(n for n in names if isinstance(n, str))
         both = [t for t in targets if t in trained]
         if both:
             problems.append(

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moetune.config import DATA_SUFFIXES, DataSection
+from moetune.config import DataSection
 from moetune.errors import MoetuneError
+from moetune.rules import DATA_SUFFIXES, is_local_data_source
 from moetune.textfiles import NotUtf8Text, decode_utf8
 
 
@@ -140,7 +141,7 @@ def _load_split(split: str, source: str, data: DataSection, tokenizer, report: D
 def _read_rows(source: str, key: str, rep: SplitReport) -> list[tuple[str, Any]]:
     """(where, row) pairs; `where` is `file:row` (1-based line or row number) for the report."""
     path = Path(source).expanduser()
-    if path.suffix.lower() not in DATA_SUFFIXES and not path.exists():
+    if not is_local_data_source(source):
         return _read_hub(source, key)
     if not path.is_file():
         raise MoetuneError(f"`{key}`: data file {source!r} not found")

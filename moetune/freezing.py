@@ -9,19 +9,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from moetune.architectures import ADAPTER_GROUP, GROUPS, canonical_name, classify_parameters
+from moetune.architectures import canonical_name, classify_parameters
 from moetune.config import FreezeSection
 from moetune.errors import MoetuneError
-
-
-# ST-MoE found training everything but the routed experts nearly as good as full fine-tuning ("non_experts"),
-# and training only the experts much worse; the other presets are for ablations and router-only tuning.
-PRESETS: dict[str, tuple[str, ...]] = {
-    "non_experts": tuple(g for g in GROUPS if g != "experts"),
-    "experts": ("experts",),
-    "router": ("router",),
-    "all": GROUPS,
-}
+from moetune.rules import ADAPTER_GROUP, FREEZE_NAMES, GROUPS, expand_freeze_names
+from moetune.rules import PRESETS as PRESETS  # owned by moetune.rules (recipe validation uses it too)
 
 
 @dataclass
@@ -68,14 +60,10 @@ def _compile(patterns: list[str], key: str) -> list[re.Pattern]:
 def _selected_groups(train: list[str] | None, lora_enabled: bool) -> set[str]:
     if train is None:
         return set() if lora_enabled else set(GROUPS)
-    allowed = list(PRESETS) + [g for g in GROUPS if g not in PRESETS]
-    unknown = [name for name in train if name not in allowed]
+    unknown = [name for name in train if name not in FREEZE_NAMES]
     if unknown:
-        raise MoetuneError(f"`freeze.train` has unknown name(s) {unknown}; allowed: {', '.join(allowed)}")
-    groups: set[str] = set()
-    for name in train:
-        groups.update(PRESETS.get(name, (name,)))
-    return groups
+        raise MoetuneError(f"`freeze.train` has unknown name(s) {unknown}; allowed: {', '.join(FREEZE_NAMES)}")
+    return expand_freeze_names(train)
 
 
 def _decide(model: nn.Module, freeze: FreezeSection, lora_enabled: bool) -> list[tuple[str, nn.Parameter, str, bool]]:

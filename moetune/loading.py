@@ -7,7 +7,6 @@ shared-expert, dense-MLP *and* fused routed-expert weights are quantized while t
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from moetune._compat import keep_bnb_weights_trainable
 from moetune.config import ModelSection, QuantizationSection
 from moetune.errors import MoetuneError
+from moetune.rules import is_local_model_path
 from moetune.textfiles import NotUtf8Text, decode_utf8
 
 
@@ -42,7 +42,7 @@ def read_config(name_or_path: str, *, trust_remote_code: bool = False):
         if not isinstance(raw, dict) or "model_type" not in raw:
             raise MoetuneError(f"{config_file} has no `model_type`, so the architecture is unknown")
         _check_sizes(raw, config_file)
-    elif _looks_like_path(name_or_path):
+    elif is_local_model_path(name_or_path):
         raise MoetuneError(f"no such model directory: {name_or_path}")
     try:
         return AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path, trust_remote_code=trust_remote_code)
@@ -132,16 +132,11 @@ def _load_tokenizer(section: ModelSection) -> PreTrainedTokenizerBase:
         raise MoetuneError(f"model.name_or_path: cannot load a tokenizer from {section.name_or_path!r}: {reason}") from err
 
 
-def _looks_like_path(name: str) -> bool:
-    # Hub ids are `name` or `org/name`; anything else with a separator is meant as a local path.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
 def _experts_implementation(section: ModelSection, config: PretrainedConfig) -> str | None:
     """The kernel to request; None lets transformers pick (grouped_mm where the family supports it, else eager)."""
     if section.experts_implementation is not None:
         return section.experts_implementation
-    # grouped_mm on CPU needs 16-byte-aligned strides (STACK.md §2); fall back to eager where the shapes break it.
+    # grouped_mm on CPU needs 16-byte-aligned strides (docs/upstream.md#grouped-mm-on-cpu): else fall back to eager.
     text = config.get_text_config(decoder=True)
     dims = [getattr(text, key, None) for key in ("hidden_size", "intermediate_size", "moe_intermediate_size")]
     multiple = 16 // getattr(torch, section.dtype).itemsize

@@ -1,11 +1,11 @@
 """4-bit (QLoRA) quantization that covers the fused MoE experts, and a measured resident-bytes report.
 
 transformers' bitsandbytes integration quantizes only `nn.Linear` modules, so the fused 3-D expert weights
-(about 95% of a Mixtral) stay in bf16 (bitsandbytes#1849, STACK.md §3). `MoEBnb4BitHfQuantizer` is the stock
-`Bnb4BitHfQuantizer` plus one thing: it also claims the expert weights of every MoE layer. transformers'
-loader fuses the per-expert checkpoint tensors of one layer (its own `conversion_mapping`), hands the fused
-tensor to our quantize op, and we turn it into a bitsandbytes 4-bit parametrization right there
-(`bitsandbytes.nn.parametrize.replace_parameter_4bit`). So only one layer's experts are ever held in full
+(about 95% of a Mixtral) stay in bf16 (bitsandbytes#1849, docs/upstream.md#bnb-fused-experts).
+`MoEBnb4BitHfQuantizer` is the stock `Bnb4BitHfQuantizer` plus one thing: it also claims the expert weights of
+every MoE layer. transformers' loader fuses the per-expert checkpoint tensors of one layer (its own
+`conversion_mapping`), hands the fused tensor to our quantize op, and we turn it into a bitsandbytes 4-bit
+parametrization right there (`bitsandbytes.nn.parametrize.replace_parameter_4bit`). So only one layer's experts are ever held in full
 precision, and the whole model never is.
 
 It plugs in through transformers' public `register_quantizer` hook under its own method name, so the stock
@@ -25,6 +25,7 @@ from transformers.utils.quantization_config import QuantizationMethod
 
 from moetune.config import QuantizationSection
 from moetune.errors import MoetuneError
+from moetune.rules import is_expert_weight
 
 
 QUANT_METHOD = "moetune_bnb_4bit"
@@ -70,9 +71,9 @@ def quantize_config(quantization: QuantizationSection, compute_dtype: torch.dtyp
     )
 
 
-def _is_expert_weight(name: str, param: torch.Tensor) -> bool:
+def _is_expert_weight(name: str, param: torch.Tensor, router_name: str = "") -> bool:
     # >=2-D weights: 3-D fused stacks, dbrx's 2-D [E*F, H] stacks. gpt_oss' [E, 2I] biases stay unquantized.
-    return param.dim() >= 2 and not name.endswith("bias")
+    return param.dim() >= 2 and is_expert_weight(name, router_name)
 
 
 def quantize_4bit_chunked(tensor: torch.Tensor, quant_type: str, double_quant: bool) -> tuple[torch.Tensor, Any]:
@@ -168,7 +169,7 @@ class MoEBnb4BitHfQuantizer(Bnb4BitHfQuantizer):
         self.expert_params = {
             f"{layer.experts_name}.{name}" for layer in layers
             for name, param in layer.experts.named_parameters()
-            if _is_expert_weight(name, param) and not f"{layer.experts_name}.{name}".startswith(f"{layer.router_name}.")
+            if _is_expert_weight(f"{layer.experts_name}.{name}", param, layer.router_name)
         }
         routers = [layer.router_name for layer in layers if layer.router_name]
         # Some routers are plain nn.Linear (dbrx, jetmoe, hunyuan): keep them out of Linear4bit explicitly,
@@ -209,8 +210,8 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
     """PEFT's `prepare_model_for_kbit_training`, made safe for 4-bit experts.
 
     PEFT casts every non-4-bit bf16/fp16 weight to fp32, so activations become fp32; the 4-bit experts would
-    still dequantize to bf16 and the eager / batched_mm kernels then fail on the dtype mismatch (STACK.md §3).
-    The experts were quantized while loading, so they cannot be prepared first: instead their dequantization
+    still dequantize to bf16 and the eager / batched_mm kernels then fail on the dtype mismatch
+    (docs/upstream.md#kbit-training-order). The experts were quantized while loading, so they cannot be prepared first: instead their dequantization
     dtype is switched to fp32 as well. Use this instead of calling PEFT's function directly (optional: QLoRA
     also trains without it, in the model's dtype).
 

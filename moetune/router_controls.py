@@ -1,7 +1,7 @@
 """Router jitter, fp32 routers and expert dropout, for every family `find_moe_layers` knows.
 
 Nothing here replaces a module: routers keep their class (transformers records `router_logits` by router class,
-STACK.md §1) and experts keep theirs (4-bit parametrized experts too). Everything is undone by `RouterControls.remove()`.
+docs/upstream.md#fused-experts) and experts keep theirs (4-bit parametrized experts too). Everything is undone by `RouterControls.remove()`.
 Applying controls again to the same model first removes the previous ones, so the recipe runner and `MoETrainer`
 can both call `apply_router_controls` safely.
 """
@@ -17,7 +17,7 @@ from transformers.integrations.moe import _default_apply_gate  # private, but tr
 from moetune.architectures import find_moe_layers
 from moetune.config import MoESection
 from moetune.errors import MoetuneError
-from moetune.router_losses import innermost_module, router_output_index
+from moetune.router_capture import innermost_module, router_output_index
 
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from moetune.architectures import describe_moe
-from moetune.router_losses import RouterCapture, router_probabilities
+from moetune.router_capture import RouterCapture
+from moetune.router_losses import router_probabilities
 
 
 logger = logging.getLogger(__name__)

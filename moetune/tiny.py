@@ -73,7 +73,7 @@ def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE):
 
 
 # Shared shape of every tiny model: dims are multiples of 8 so grouped_mm's 16-byte stride rule holds in
-# fp32 and bf16 (STACK.md §2). Four experts, top-2, two layers.
+# fp32 and bf16 (docs/upstream.md#grouped-mm-on-cpu). Four experts, top-2, two layers.
 _HIDDEN, _HEADS, _KV_HEADS, _EXPERTS, _TOP_K, _LAYERS = 64, 4, 2, 4, 2, 2
 
 # Per family: the config class name and the keyword arguments that make it tiny. Where a family has dense

@@ -1,7 +1,7 @@
 """`MoETrainer`: TRL's SFTTrainer plus router losses, router controls and routing telemetry.
 
 TRL's own aux-loss path is switched off: on its fused LM-head forward it recomputes Mixtral's softmax loss for every
-family and crashes on DeepSeek-V3 / GLM-4 (STACK.md §5). Instead, forward hooks on the routers (`RouterCapture`)
+family and crashes on DeepSeek-V3 / GLM-4 (docs/upstream.md#trl-fused-aux-loss). Instead, forward hooks on the routers (`RouterCapture`)
 record the logits and the chosen experts, and the aux loss follows each family's own scoring (`describe_moe`), with
 the recipe's coefficient for every family, padding excluded. The LM loss stays TRL's.
 """
@@ -18,8 +18,8 @@ from trl import SFTTrainer
 from moetune.architectures import describe_moe
 from moetune.config import MoESection
 from moetune.errors import MoetuneError, TrainingDiverged
+from moetune.router_capture import RouterCapture
 from moetune.router_controls import apply_router_controls
-from moetune.router_losses import RouterCapture
 from moetune.run_dir import RunDir, mark_checkpoint_complete
 from moetune.telemetry import RoutingTelemetry
 
@@ -154,8 +154,7 @@ class MoETrainer(SFTTrainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # transformers 5.23 writes v5 MoE models in the per-expert checkpoint layout (experts.N.w1, for serving
         # engines) but `Trainer._load_from_checkpoint` reads checkpoints back without the weight conversion, so a
-        # resumed full fine-tune silently kept its pre-resume expert and router weights (docs/upstream.md,
-        # "Trainer resume"). Checkpoints are therefore written in the runtime (fused) layout, which reloads key
+        # resumed full fine-tune silently kept its pre-resume expert and router weights (docs/upstream.md#trainer-resume). Checkpoints are therefore written in the runtime (fused) layout, which reloads key
         # for key; the final model keeps transformers' default layout.
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         is_checkpoint = output_dir is not None and re.fullmatch(r"checkpoint-\d+", Path(output_dir).name)

@@ -48,7 +48,7 @@ def finetune(
     import torch
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU ranks, nccl on GPUs (docs/upstream.md)
+    state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU ranks, nccl on GPUs (docs/upstream.md#accelerate-cpu)
     run = RunDir(recipe.output.dir, recipe_file=recipe_file)
     run.check(resume=resume, overwrite=overwrite)
     if resume:
@@ -230,7 +230,7 @@ def sft_config(recipe: Recipe, *, has_eval: bool, resume: bool = False):
       bf16 / fp16        mixed precision only when `model.dtype` asks for it and the hardware has it (bf16 autocast
                          works on CPU); an fp32 recipe trains in fp32.
       activation_checkpointing  (gradient checkpointing) on with CUDA (TRL's default), off on CPU: it costs ~40%
-                         speed there (STACK.md §5) and CPU runs are tiny.
+                         speed there (docs/upstream.md#bf16-on-cpu) and CPU runs are tiny.
       report_to "none"   no tracker unless the recipe names one (TRL would pick up any installed one).
       completion_only_loss True  data.py only writes a `completion_mask` when `data.assistant_only_loss` asks for it.
       assistant_only_loss False  the `assistant_masks` column from data.py is applied by TRL as is.
@@ -260,7 +260,7 @@ def sft_config(recipe: Recipe, *, has_eval: bool, resume: bool = False):
     if has_eval and not resume:
         kwargs["eval_on_start"] = True
     if recipe.data.packing:
-        kwargs["padding_free"] = True  # packed rows must not attend to each other (STACK.md §5)
+        kwargs["padding_free"] = True  # packed rows must not attend to each other (docs/upstream.md#trl-packing)
     # Defaults that travel in pairs: one the recipe sets replaces moetune's whole pair.
     if not {"bf16", "fp16"} & recipe.train.keys():
         kwargs["bf16"] = recipe.model.dtype == "bfloat16" and (not cuda or torch.cuda.is_bf16_supported())

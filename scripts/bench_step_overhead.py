@@ -23,8 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig
 
 from moetune.config import MoESection
+from moetune.router_capture import RouterCapture
 from moetune.router_controls import apply_router_controls
-from moetune.router_losses import RouterCapture
 from moetune.telemetry import RoutingTelemetry
 
 

@@ -3,7 +3,7 @@
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 scripts/multiprocess_check.py RECIPE REPORT_DIR [KEY=VALUE ...]
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 scripts/multiprocess_check.py ...
 
-ACCELERATE_USE_CPU=true is what makes CPU ranks a real gloo process group (STACK.md §7); without it each process
+ACCELERATE_USE_CPU=true is what makes CPU ranks a real gloo process group (docs/upstream.md#accelerate-cpu); without it each process
 trains alone. Each rank writes REPORT_DIR/rank<R>.json: the distributed setup, a digest of every trainable parameter
 after training, and every file-system write it made under the recipe's output dir (recorded with an audit hook;
 non-main ranks also run with umask 0, so files they create are group-writable, which catches C-level writes too).

@@ -151,8 +151,8 @@ def test_validation_is_fast_and_imports_nothing_heavy(tmp_path):
 
 
 def test_freeze_names_expand_like_the_trainer_presets():
-    from moetune.config import _expand_freeze_name
     from moetune.freezing import PRESETS
+    from moetune.rules import expand_freeze_names
 
     for name, groups in PRESETS.items():
-        assert set(_expand_freeze_name(name)) == set(groups), name
+        assert expand_freeze_names([name]) == set(groups), name

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 from moetune.architectures import find_moe_layers
 from moetune.config import MoESection
 from moetune.errors import MoetuneError
+from moetune.router_capture import RouterCapture
 from moetune.router_controls import apply_router_controls
-from moetune.router_losses import RouterCapture
 from moetune.tiny import tiny_config
 
 

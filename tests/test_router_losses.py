@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moetune.architectures import describe_moe
-from moetune.router_losses import RouterCapture, load_balancing_loss, router_z_loss
+from moetune.router_capture import RouterCapture
+from moetune.router_losses import load_balancing_loss, router_z_loss
 from moetune.tiny import tiny_config
 
 

@@ -49,7 +49,7 @@ def test_same_seed_same_weights(tmp_path):
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_grouped_mm_runs_in_bf16(arch, tiny_model_dir):
-    # grouped_mm on CPU needs 16-byte aligned strides (STACK.md §2); the tiny dims are chosen for it.
+    # grouped_mm on CPU needs 16-byte aligned strides (docs/upstream.md#grouped-mm-on-cpu); the tiny dims are chosen for it.
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=torch.bfloat16,
                                                  experts_implementation="grouped_mm")
     eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=torch.bfloat16,
