@@ -130,8 +130,9 @@ class RunDir:
 
     def _check_not_busy(self) -> None:
         if self._lock_fd is None and (self.path / LOCK_FILE).is_file():
-            self._take_lock()  # raises, naming the holder, when another process runs here
-            self._release_lock()
+            fd = self._open_locked()  # raises, naming the holder, when another process runs here
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def _check_overwrite_allowed(self) -> None:
         resolved = self.path.resolve()
@@ -193,6 +194,13 @@ class RunDir:
         write_atomic(self.path / RUN_MARK, json.dumps(mark, indent=2) + "\n")
 
     def _take_lock(self) -> None:
+        fd = self._open_locked()
+        os.ftruncate(fd, 0)
+        command = " ".join(sys.argv)[:200]
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})\n".encode())
+        self._lock_fd = fd
+
+    def _open_locked(self) -> int:
         fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -201,10 +209,7 @@ class RunDir:
             os.close(fd)
             raise MoetuneError(f"output dir {self.path} is in use by {holder}; wait for it to finish, or set "
                                "output.dir elsewhere") from None
-        os.ftruncate(fd, 0)
-        command = " ".join(sys.argv)[:200]
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})\n".encode())
-        self._lock_fd = fd
+        return fd
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:

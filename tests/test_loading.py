@@ -16,15 +16,21 @@ from moetune.loading import load_model
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_dtype_and_fp32_router(tiny_model_dir, dtype):
+def test_dtype_and_no_training_controls(tiny_model_dir, dtype):
+    """Loading installs no training controls: the model runs as loaded; the fp32 router comes with the controls."""
+    from moetune.config import MoESection
+    from moetune.router_controls import apply_router_controls
+
     model, tokenizer = load_model(ModelSection(name_or_path=str(tiny_model_dir("qwen2_moe")), dtype=dtype))
     assert model.model.embed_tokens.weight.dtype == getattr(torch, dtype)
     for layer in find_moe_layers(model):
         assert layer.experts.gate_up_proj.dtype == getattr(torch, dtype)
-        assert layer.router.weight.dtype == torch.float32
+        assert layer.router.weight.dtype == getattr(torch, dtype) and "forward" not in vars(layer.router)
     ids = tokenizer("The router sends tokens to experts.", return_tensors="pt").input_ids
-    logits = model(ids).logits
-    assert torch.isfinite(logits).all()
+    assert torch.isfinite(model(ids).logits).all()
+    apply_router_controls(model, MoESection(router_fp32=True))
+    assert all(layer.router.weight.dtype == torch.float32 for layer in find_moe_layers(model))
+    assert torch.isfinite(model(ids).logits).all()
 
 
 def test_router_fp32_off_keeps_model_dtype(tiny_model_dir):

@@ -50,7 +50,7 @@ def test_two_processes_stay_in_sync_and_only_rank0_writes(tiny_model_dir, tmp_pa
     out = tmp_path / "out"
     # Python-level writes by rank 1 under the output dir: only the trainer's exist_ok makedirs of checkpoint dirs.
     assert all(w.startswith("os.mkdir ") and "/checkpoint-" in w for w in ranks[1]["writes"]), ranks[1]["writes"]
-    assert any(w.endswith("metrics.json") for w in ranks[0]["writes"])
+    assert any("metrics.json" in w for w in ranks[0]["writes"])
     # Files rank 1 created are group-writable (umask 0): the only ones are the per-rank RNG states that HF Trainer
     # saves from every rank so that --resume restores each rank's generator (and, racing rank 0, the checkpoint
     # directory they go in).

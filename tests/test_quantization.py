@@ -6,7 +6,7 @@ from bitsandbytes.nn import Linear4bit
 from bitsandbytes.nn.parametrize import Bnb4bitParametrization
 
 from moetune.architectures import classify_parameters, find_moe_layers
-from moetune.config import QuantizationSection
+from moetune.config import MoESection, QuantizationSection
 from moetune.errors import MoetuneError
 from moetune.loading import load_model
 from moetune.quantization import (
@@ -15,12 +15,14 @@ from moetune.quantization import (
     resident_bytes_by_group,
     usage_by_group,
 )
+from moetune.router_controls import apply_router_controls
 from moetune.tiny import TINY_ARCHS
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_every_family_loads_4bit_with_experts_quantized(tiny_model_dir, arch):
-    model, tokenizer = load_model(str(tiny_model_dir(arch)), QuantizationSection())
+    model, tokenizer = load_model(str(tiny_model_dir(arch)), QuantizationSection(), router_fp32=True)
+    apply_router_controls(model, MoESection())  # what MoETrainer installs: the fp32 router runs in fp32
     assert model.is_loaded_in_4bit
     layers = find_moe_layers(model)
     for layer in layers:
@@ -34,7 +36,7 @@ def test_every_family_loads_4bit_with_experts_quantized(tiny_model_dir, arch):
             attr = rest.split(".")[0]
             assert isinstance(owner.parametrizations[attr][0], Bnb4bitParametrization), name
             assert param.dtype == torch.uint8, name
-        # The router keeps full precision, in fp32 (router_fp32 defaults to True).
+        # The router keeps full precision, in fp32 (router_fp32=True, as training loads it).
         for name, param in layer.router.named_parameters():
             assert param.dtype == torch.float32, name
         assert not any(isinstance(m, Linear4bit) for m in layer.router.modules())
@@ -54,7 +56,7 @@ def test_every_family_loads_4bit_with_experts_quantized(tiny_model_dir, arch):
 def test_resident_bytes_count_quant_state_and_shrink_experts(tiny_model_dir):
     path = str(tiny_model_dir("mixtral"))
     full, _ = load_model(path)
-    q4, _ = load_model(path, QuantizationSection())
+    q4, _ = load_model(path, QuantizationSection(), router_fp32=True)
     full_groups, q_groups = usage_by_group(full), usage_by_group(q4)
     assert resident_bytes_by_group(q4) == {g: e["resident_bytes"] for g, e in q_groups.items()}
     # Logical parameter counts do not change with quantization.

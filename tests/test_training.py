@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moetune.config import load_recipe
-from moetune.errors import MoetuneError, RecipeError
+from moetune.errors import RecipeError
 from moetune.training import finetune, sft_config
 
 
@@ -66,28 +66,6 @@ def test_lora_run_writes_hf_layout_and_reloads(recipe, tmp_path):
     assert eval_loss_of(base, loaded, tok.pad_token_id) == pytest.approx(metrics["eval_loss_start"], rel=1e-5)
     tuned = load_adapter(base, out)
     assert eval_loss_of(tuned, loaded, tok.pad_token_id) == pytest.approx(metrics["eval_loss"], rel=1e-5)
-
-
-def test_output_dir_is_never_clobbered(recipe, tmp_path):
-    recipe["train"]["max_steps"] = 1
-    recipe["data"].pop("eval")
-    finetune(recipe)
-    with pytest.raises(MoetuneError, match="is not empty: pass --resume .* --overwrite"):
-        finetune(recipe)
-    with pytest.raises(MoetuneError, match="contradict"):
-        finetune(recipe, resume=True, overwrite=True)
-    marker = tmp_path / "out" / "marker.txt"
-    marker.write_text("old")
-    _, metrics = finetune(recipe, overwrite=True)
-    assert not marker.exists() and "eval_loss_start" not in metrics
-
-    stranger = tmp_path / "stranger"
-    (stranger / "keep").mkdir(parents=True)
-    with pytest.raises(MoetuneError, match="refusing to delete"):
-        finetune(recipe, overrides=[f"output.dir={stranger}"], overwrite=True)
-    with pytest.raises(MoetuneError, match="no checkpoint-N directory"):
-        finetune(recipe, overrides=[f"output.dir={tmp_path / 'fresh'}"], resume=True)
-    assert (stranger / "keep").is_dir()
 
 
 def test_resume_continues_the_same_loss_trajectory(recipe, tmp_path, monkeypatch):
