@@ -34,6 +34,9 @@ _EXPORTS = {
     "RoutingTelemetry": "telemetry",
     "load_datasets": "data",
     "finetune": "training",
+    "build_trainer": "training",
+    "check_recipe": "training",
+    "TrainingDiverged": "errors",
 }
 __all__ = sorted(_EXPORTS)
 

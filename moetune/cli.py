@@ -51,6 +51,10 @@ def _validate(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides, log_warnings=False)  # printed here instead, as `warning:` lines
     for warning in recipe_warnings(recipe):
         print(f"warning: {warning}", file=sys.stderr)
+    if not args.schema_only:
+        from moetune.training import check_recipe
+
+        check_recipe(recipe)  # exactly what `moetune train` checks before it touches anything
     print(f"{args.recipe}: OK (model {recipe.model.name_or_path}, output {recipe.output.dir})")
 
 
@@ -96,12 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     p.set_defaults(run=_tiny)
 
-    for name, run, text in (("validate", _validate, "check a recipe without loading anything"),
+    for name, run, text in (("validate", _validate, "check a recipe as `train` does, without loading weights"),
                             ("train", _train, "run a recipe")):
         p = commands.add_parser(name, help=text)
         p.add_argument("recipe", help="recipe YAML file")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe value, e.g. --set train.learning_rate=1e-4 (repeatable)")
+        if name == "validate":
+            p.add_argument("--schema-only", action="store_true",
+                           help="check only the recipe's schema and files (instant: does not import trl)")
         if name == "train":
             mode = p.add_mutually_exclusive_group()
             mode.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output.dir")

@@ -59,11 +59,10 @@ def finetune(
                         "longer, raise train.max_steps or train.num_train_epochs and --resume again.")
             return run.path, json.loads((run.path / "metrics.json").read_text(encoding="utf-8"))
 
-    args = sft_config(recipe, has_eval=recipe.data.eval is not None, resume=resume)  # bad `train` values fail here
+    args = check_recipe(recipe, resume=resume)
     from moetune.data import load_datasets
-    from moetune.loading import load_tokenizer, read_config
+    from moetune.loading import load_tokenizer
 
-    read_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
     data = load_datasets(recipe.data, load_tokenizer(recipe.model))
     _say(state, data.report.format_text())
 
@@ -81,6 +80,21 @@ def finetune(
         metrics = _train_and_save(trainer, recipe, run, state, checkpoint, data)
     _say(state, _summary(run.path, metrics))
     return run.path, metrics
+
+
+def check_recipe(recipe: Recipe, *, resume: bool = False):
+    """What `moetune validate` and `moetune train` both check beyond the schema; returns the trl.SFTConfig.
+
+    `train` is built into a real trl.SFTConfig (TRL and transformers reject some values only there), and a local
+    model's config.json is read (wrong types, missing keys). Loads no weights.
+    """
+    args = sft_config(recipe, has_eval=recipe.data.eval is not None, resume=resume)
+    from moetune.loading import read_config
+    from moetune.rules import is_local_model_path
+
+    if is_local_model_path(recipe.model.name_or_path):  # a Hub id is only read when training (no network here)
+        read_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    return args
 
 
 def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None):

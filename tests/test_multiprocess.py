@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -32,6 +34,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_two_processes_stay_in_sync_and_only_rank0_writes(tiny_model_dir, tmp_path):
     recipe = _recipe(tmp_path, tiny_model_dir("mixtral"))
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29533",
@@ -60,6 +63,7 @@ def test_two_processes_stay_in_sync_and_only_rank0_writes(tiny_model_dir, tmp_pa
     assert (out / "adapter_model.safetensors").is_file() and (out / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_accelerate_launch_runs_the_cli(tiny_model_dir, tmp_path):
     """The documented launch: `accelerate launch ... -m moetune train RECIPE` on two CPU processes."""
     recipe = _recipe(tmp_path, tiny_model_dir("mixtral"))

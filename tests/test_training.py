@@ -138,6 +138,7 @@ def test_demo_recipe_learns_fast_variant(tiny_model_dir, tmp_path, monkeypatch, 
     assert printed.count("expected:") == 2 and "(eval_loss_start=" in printed
 
 
+@pytest.mark.slow
 def test_demo_recipe_as_shipped(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """The whole demo (6 epochs): eval loss ends below a tenth of its start and the answers come out right."""
     metrics = _run_demo(tiny_model_dir, tmp_path, monkeypatch)

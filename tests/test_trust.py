@@ -277,3 +277,49 @@ def test_a_second_run_into_a_busy_dir_is_refused(tiny_model_dir, tmp_path):
     _, metrics = finetune(recipe)  # the kernel dropped the dead holder's lock
     assert metrics["global_step"] == 1
     assert os.path.getsize(run / LOCK_FILE) == 0
+
+
+def test_validate_checks_what_train_checks(tiny_model_dir, tmp_path, capsys):
+    """`train` values that TRL rejects only when building its config fail `moetune validate` too, with exit 2."""
+    import yaml
+
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(make_recipe(tiny_model_dir("mixtral"), tmp_path / "run")))
+    assert main(["validate", str(recipe_file)]) == 0
+    bad = ["--set", "train.lr_scheduler_type=sideways"]
+    assert main(["validate", str(recipe_file), *bad]) == 2
+    assert main(["train", str(recipe_file), *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("`train` is not a valid trl.SFTConfig") == 2 and "sideways" in err
+    assert not (tmp_path / "run").exists()
+    assert main(["validate", str(recipe_file), "--schema-only", *bad]) == 0  # the instant check cannot see it
+
+
+def test_a_moved_run_dir_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    recipe = make_recipe(tiny_model_dir("mixtral"), tmp_path / "here")
+    straight, _ = finetune(make_recipe(tiny_model_dir("mixtral"), tmp_path / "straight"))
+    crash_at_step(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(recipe)
+    monkeypatch.undo()
+    (tmp_path / "here").rename(tmp_path / "there")
+    monkeypatch.chdir(tmp_path / "there")  # and from another working directory
+    moved, metrics = finetune(recipe, overrides=[f"output.dir={tmp_path / 'there'}"], resume=True)
+    assert metrics["global_step"] == 4 and losses(moved) == pytest.approx(losses(straight), rel=1e-5)
+
+
+def test_an_output_dir_that_cannot_be_written(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a dir")
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(make_recipe(tiny_model_dir("mixtral"), a_file / "run")))
+    assert main(["train", str(recipe_file)]) == 1
+    assert f"is under {a_file}, which is a file" in capsys.readouterr().err
+    assert a_file.read_text() == "not a dir"
+
+    # root may write anywhere, so a read-only dir is simulated at the permission check itself
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert main(["train", str(recipe_file), "--set", f"output.dir={tmp_path / 'ro' / 'run'}"]) == 1
+    assert "is not writable by this user" in capsys.readouterr().err
