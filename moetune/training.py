@@ -17,6 +17,7 @@ from typing import Any
 
 from moetune.config import Recipe, dump_recipe, load_recipe
 from moetune.errors import MoetuneError, RecipeError
+from moetune.launch_check import check_launch, describe_launch
 from moetune.run_dir import RunDir, write_atomic
 
 
@@ -76,6 +77,8 @@ def finetune(
             write_atomic(run.path / "recipe.yaml", dump_recipe(recipe))
             run.set_status("running")
         trainer = build_trainer(recipe, args=args, data=data)
+        check_launch(trainer.accelerator)  # a silent fallback to another mode is an error, not a different run
+        _say(state, describe_launch(trainer.accelerator))
         _say(state, trainer.freeze_report.format_table())
         metrics = _train_and_save(trainer, recipe, run, state, checkpoint, data)
     _say(state, _summary(run.path, metrics))

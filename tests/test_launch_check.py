@@ -1,0 +1,72 @@
+"""No silent fallback: what runs is said at start, and a launch that cannot run as asked is an error."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_TRAIN = str(REPO / "recipes/data/demo_train.jsonl")
+
+
+def _recipe(tmp_path, model_dir) -> Path:
+    recipe = {
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "data": {"train": DEMO_TRAIN, "max_length": 64},
+        "train": {"max_steps": 1, "per_device_train_batch_size": 2, "disable_tqdm": True},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _launch(tmp_path, recipe: Path, *launcher: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "moetune", "train", str(recipe)]
+    return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_fsdp_on_cpu_ranks_is_an_error_not_a_ddp_run(tiny_model_dir, tmp_path):
+    result = _launch(tmp_path, _recipe(tmp_path, tiny_model_dir("mixtral")), "--use_fsdp", "--fsdp_version", "2")
+    assert result.returncode != 0
+    assert "asked for FSDP" in result.stderr and "would silently run as MULTI_CPU" in result.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_ranks_says_what_runs(tiny_model_dir, tmp_path):
+    result = _launch(tmp_path, _recipe(tmp_path, tiny_model_dir("mixtral")), "--multi_gpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = "distributed: MULTI_CPU, world size 2, backend gloo, parameters and experts replicated on every rank (DDP)"
+    assert result.stdout.count(line) == 1  # said once, by the main process
+
+
+def test_single_process_says_what_runs(tiny_model_dir, tmp_path, capsys):
+    from moetune.cli import main
+
+    assert main(["train", str(_recipe(tmp_path, tiny_model_dir("mixtral")))]) == 0
+    assert "distributed: NO, world size 1" in capsys.readouterr().out
+
+
+def test_unrelated_processes_are_an_error(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from moetune.errors import MoetuneError
+    from moetune.launch_check import check_launch
+
+    alone = SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1))
+    with pytest.raises(MoetuneError, match="2 unrelated runs"):
+        check_launch(alone, environ={"WORLD_SIZE": "2"})
+    with pytest.raises(MoetuneError, match="asked for DEEPSPEED"):
+        check_launch(alone, environ={"ACCELERATE_USE_DEEPSPEED": "true"})
+    check_launch(alone, environ={})
