@@ -6,6 +6,10 @@ API cannot drift apart. User mistakes (`MoetuneError`) print one line and exit n
     moetune validate RECIPE [--set key.path=value ...]
     moetune train RECIPE [--set key.path=value ...] [--resume | --overwrite]
     moetune routing MODEL DATA [--max-examples N] [--max-length N] [--out DIR] [--json]
+    moetune recipes [cp NAME DEST [--force]]
+    moetune schema
+    moetune env [--json]
+    moetune --version
 """
 
 import argparse
@@ -77,6 +81,51 @@ def _routing(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2) if args.json else format_routing_report(report))
 
 
+def _recipes(args: argparse.Namespace) -> None:
+    from moetune.catalog import copy_recipe, format_table
+
+    if args.action == "cp":
+        dest = copy_recipe(args.name, args.dest, force=args.force)
+        print(f"copied {args.name} to {dest}")
+    else:
+        print(format_table())
+
+
+def _schema(args: argparse.Namespace) -> None:
+    from moetune.schema_doc import recipe_json_schema
+
+    print(json.dumps(recipe_json_schema(), indent=2))
+
+
+def _env(args: argparse.Namespace) -> None:
+    from moetune.env import collect_env, format_env
+
+    report = collect_env()
+    print(json.dumps(report, indent=2) if args.json else format_env(report))
+
+
+def _add_tool_commands(parser: argparse.ArgumentParser, commands) -> None:
+    """--version, and the commands around training: recipes, schema, env."""
+    from moetune import __version__
+
+    parser.add_argument("--version", action="version", version=f"moetune {__version__}")
+
+    p = commands.add_parser("recipes", help="list the packaged recipes and Accelerate configs, or copy one")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    cp = actions.add_parser("cp", help="copy a packaged recipe (or accelerate/NAME config) to edit it")
+    cp.add_argument("name", help="recipe name as `moetune recipes` lists it, e.g. mixtral/8x7b_qlora_attention")
+    cp.add_argument("dest", help="file to write, or an existing directory to copy into")
+    cp.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    p.set_defaults(run=_recipes)
+
+    p = commands.add_parser("schema", help="print the recipe JSON schema (for editors: yaml-language-server)")
+    p.set_defaults(run=_schema)
+
+    p = commands.add_parser("env", help="versions, devices and platform, to paste into a bug report")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moetune", description="Fine-tune sparse Mixture-of-Experts language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks for every error")
@@ -103,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, run, text in (("validate", _validate, "check a recipe as `train` does, without loading weights"),
                             ("train", _train, "run a recipe")):
         p = commands.add_parser(name, help=text)
-        p.add_argument("recipe", help="recipe YAML file")
+        p.add_argument("recipe", help="recipe YAML file, or a packaged recipe's name (`moetune recipes` lists them)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe value, e.g. --set train.learning_rate=1e-4 (repeatable)")
         if name == "validate":
@@ -124,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write routing.json and routing.png to this directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_routing)
+    _add_tool_commands(parser, commands)
     return parser
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from moetune.catalog import resolve_recipe_source
 from moetune.errors import RecipeError
 from moetune.rules import (
     DATA_SUFFIXES,
@@ -132,16 +133,21 @@ class OutputSection(Strict):
 
 class Recipe(Strict):
     model: ModelSection
+    """The model to fine-tune and how to load it."""
     quantization: QuantizationSection | None = None
     """4-bit loading. Omit for none."""
     lora: LoraSection | None = None
     """LoRA adapters. Omit for full or selective fine-tuning."""
     freeze: FreezeSection = Field(default_factory=FreezeSection)
+    """What trains in full, by parameter group, preset or regex."""
     moe: MoESection = Field(default_factory=MoESection)
+    """Router losses, router and expert regularisation, routing telemetry."""
     data: DataSection
+    """Training and evaluation data, their format, and how examples are cut and packed."""
     train: dict[str, Any] = Field(default_factory=dict)
     """Any trl SFTConfig field, passed through (learning_rate, num_train_epochs, per_device_train_batch_size, ...)."""
     output: OutputSection
+    """Where the result goes (output dir, Hub), and sample answers before and after training."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -181,7 +187,8 @@ def load_recipe(source: "str | Path | dict | Recipe", overrides: Sequence[str] =
     """Read, override and validate a recipe; raise one `RecipeError` listing every problem found.
 
     Args:
-        source: a YAML file path, a dict with the recipe's sections, or a `Recipe` (re-validated with overrides).
+        source: a YAML file path or a packaged recipe's name (`demo`, `mixtral/8x7b_qlora_attention`; an existing
+            path wins), a dict with the recipe's sections, or a `Recipe` (re-validated with overrides).
         overrides: `key.path=value` strings; the value is read as YAML (`train.learning_rate=1e-4`,
             `lora=null` removes a section, `lora.targets=[attention,experts]`).
         log_warnings: log `recipe_warnings` (suspicious but legal settings) on the `moetune.config` logger.
@@ -193,7 +200,7 @@ def load_recipe(source: "str | Path | dict | Recipe", overrides: Sequence[str] =
         raw = copy.deepcopy(source)
     else:
         where = str(source)
-        raw = parse_yaml(_read_recipe_text(Path(source)), where)
+        raw = parse_yaml(_read_recipe_text(resolve_recipe_source(source)), where)  # a path, or a packaged name
         if raw is None:
             raise RecipeError(f"{where}: the recipe is empty; it needs at least the sections model, data and output")
     if not isinstance(raw, dict):

@@ -1,4 +1,4 @@
-"""Write the demo's synthetic instruction data: recipes/data/demo_{train,eval}.jsonl (deterministic).
+"""Write the demo's synthetic instruction data: moetune/recipes/data/demo_{train,eval}.jsonl (deterministic).
 
     python scripts/make_demo_data.py
 
@@ -50,7 +50,7 @@ def write(path: Path, n: int, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    out = Path(__file__).resolve().parent.parent / "recipes" / "data"
+    out = Path(__file__).resolve().parent.parent / "moetune" / "recipes" / "data"
     out.mkdir(parents=True, exist_ok=True)
     write(out / "demo_train.jsonl", 600, seed=0)
     write(out / "demo_eval.jsonl", 48, seed=1)
