@@ -44,7 +44,11 @@ def finetune(
     Returns:
         (output dir, final metrics as written to metrics.json).
     """
-    recipe_file = Path(recipe) if isinstance(recipe, (str, Path)) else None
+    recipe_file = None
+    if isinstance(recipe, (str, Path)):
+        from moetune.catalog import resolve_recipe_source
+
+        recipe_file = resolve_recipe_source(recipe)  # a path, or a packaged recipe's name
     recipe = load_recipe(recipe, overrides)  # every recipe mistake surfaces here, before anything heavy
     import torch
     from accelerate import PartialState
