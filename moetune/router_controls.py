@@ -6,7 +6,9 @@ Applying controls again to the same model first removes the previous ones, so th
 can both call `apply_router_controls` safely.
 """
 
+import functools
 import logging
+import types
 from typing import Any
 
 import torch
@@ -92,17 +94,20 @@ def _router_to_fp32(router: nn.Module, controls: RouterControls) -> None:
 def _wrap_router_forward(router: nn.Module, jitter: float, fp32: bool, logits_index: int, fused: bool,
                          controls: RouterControls) -> None:
     # An instance-level forward, not a pre-hook: a hook cannot switch autocast off around the router's matmul,
-    # and under bf16 autocast F.linear would run in bf16 even with fp32 inputs.
+    # and under bf16 autocast F.linear would run in bf16 even with fp32 inputs. A bound method, not a closure over
+    # `router`: PEFT's modules_to_save deep-copies the router, and a copied bound method is rebound to the copy,
+    # whereas a closure would keep running the original router and the trained copy would get no gradient.
     original = router.forward
 
-    def forward(hidden_states, *args, **kwargs):
-        if jitter > 0 and router.training:
+    def forward(self, hidden_states, *args, **kwargs):
+        run = original if self is router else functools.partial(type(self).forward, self)
+        if jitter > 0 and self.training:
             noise = torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
             hidden_states = hidden_states * noise  # out of place: the experts must not see the noise
         if not fp32:
-            return original(hidden_states, *args, **kwargs)
+            return run(hidden_states, *args, **kwargs)
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            output = original(hidden_states.float(), *args, **kwargs)
+            output = run(hidden_states.float(), *args, **kwargs)
         if fused and isinstance(output, tuple):
             return output
         # Unfused families (dbrx, llama4, jetmoe) feed the routing weights, or dbrx the logits themselves, straight
@@ -115,7 +120,7 @@ def _wrap_router_forward(router: nn.Module, jitter: float, fp32: bool, logits_in
             else item for i, item in enumerate(output)
         )
 
-    router.forward = forward
+    router.forward = types.MethodType(forward, router)
     controls._add(lambda: delattr(router, "forward"))
 
 
