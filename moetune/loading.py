@@ -124,3 +124,15 @@ def load_model(
                     dict(sorted(report.items())))
         keep_bnb_weights_trainable(loaded)
     return loaded, tokenizer
+
+
+def empty_model(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model's architecture without its weights, on the meta device: parameter names and shapes (and the
+    layout PEFT gives an adapter on it) at no memory and no download beyond config.json.
+
+    Raises:
+        MoetuneError: as `read_config`.
+    """
+    config = read_config(name_or_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
