@@ -27,16 +27,16 @@ if TYPE_CHECKING:
 MERGE_DTYPES = ("bfloat16", "float32", "float16")
 # The check: the median over tokens of each token's relative logit error, max|merged - unmerged| / max|unmerged|.
 # The median, not the max: top-k routing is discrete, and a perturbation at rounding level flips near-tied expert
-# choices, which moves that token's logits by O(1) even when the merge is exact (measured on tiny bf16 models: max
-# up to 0.8 relative, with the median at rounding level). A real mistake (a skipped module, a misplaced expert
-# delta, a lost router trained in full) moves every token: measured medians 0.3-1.4 relative.
-# fp32: merged and unmerged differ by reordered float32 additions; medians <= 5e-7 measured, so 1e-4 is far above
-#   rounding and far below any mistake.
+# choices, which moves that token's logits by O(1) even when the merge is exact (tiny bf16 models: max up to 0.8
+# relative, median at rounding level). A real mistake (a skipped attention / expert LoRA, a misplaced expert delta,
+# a lost router trained in full) moves every token: medians 0.26-1.4 relative, measured on six families.
+# fp32: merged and unmerged differ by reordered float32 additions: medians <= 5e-7, max <= 2.2e-5 measured, so 1e-4
+#   is far above rounding and far below any mistake.
 # bf16 / fp16: merging rounds W + s*B@A to the dtype once where the unmerged model rounds W and the LoRA branch
-#   separately; measured medians 0.7-3.6 x the dtype's epsilon (2^-7 bf16, 2^-10 fp16) on tiny models of 2 to 32
-#   layers, every adapter kind, six families. The bound is 8 epsilon (bf16 6.3e-2, fp16 7.8e-3). An adapter whose
-#   whole effect is that small (e.g. a barely trained router LoRA) cannot be told from rounding at that precision:
-#   merge in float32 to check it exactly.
+#   separately: medians 0.4-1.5 x the dtype's epsilon (2^-7 bf16, 2^-10 fp16) over six families x every adapter
+#   kind x 4-bit bases, and up to 3.6 epsilon on deeper tiny models (8-32 layers). The bound is 8 epsilon (bf16
+#   6.3e-2, fp16 7.8e-3). An adapter whose whole effect is that small (a barely trained router LoRA measured
+#   0.03-0.05) cannot be told from bf16 rounding: merge in float32 to check such an adapter exactly.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 8 * 2.0**-7, "float16": 8 * 2.0**-10}
 SAMPLE_ROWS = 4
 SAMPLE_TOKENS = 128
