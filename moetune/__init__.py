@@ -3,7 +3,8 @@
     import moetune
     output_dir, metrics = moetune.finetune("recipes/demo.yaml")
 
-or piece by piece: `load_model` -> `add_adapters` -> `freeze` -> `apply_router_controls` -> `MoETrainer`.
+or piece by piece: `load_model` -> `add_adapters` -> `freeze` -> `apply_router_controls` -> `MoETrainer`; then
+`load_for_inference`, `merge_run` and `push_run` to use and share what was trained.
 Submodules are imported on first use, so `import moetune` (and the CLI) stays fast.
 """
 
@@ -28,6 +29,7 @@ _EXPORTS = {
     "load_model": "loading",
     "add_adapters": "adapters",
     "load_adapter": "adapters",
+    "make_adapter_portable": "adapters",
     "freeze": "freezing",
     "apply_router_controls": "router_controls",
     "MoETrainer": "trainer",
@@ -37,6 +39,11 @@ _EXPORTS = {
     "build_trainer": "training",
     "check_recipe": "training",
     "TrainingDiverged": "errors",
+    "load_for_inference": "inference",
+    "merge_run": "merging",
+    "serving_warning": "merging",
+    "write_model_card": "model_card",
+    "push_run": "hub",
 }
 __all__ = sorted(_EXPORTS)
 

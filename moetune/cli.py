@@ -10,6 +10,10 @@ API cannot drift apart. User mistakes (`MoetuneError`) print one line and exit n
     moetune schema
     moetune env [--json]
     moetune --version
+    moetune chat RUN_DIR_OR_MODEL [--max-new-tokens N] [--temperature T --top-p P --seed S]
+    moetune generate RUN_DIR_OR_MODEL (--prompt TEXT | --file PROMPTS.jsonl) [--out OUT.jsonl] [...]
+    moetune merge RUN_DIR OUT_DIR [--dtype bfloat16|float32|float16]
+    moetune push RUN_DIR REPO_ID [--private] [--revision R] [--merged]
 """
 
 import argparse
@@ -124,6 +128,59 @@ def _add_tool_commands(parser: argparse.ArgumentParser, commands) -> None:
     p = commands.add_parser("env", help="versions, devices and platform, to paste into a bug report")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_env)
+def _settings(args: argparse.Namespace):
+    from moetune.inference import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from moetune.inference import chat_session, load_for_inference
+
+    settings = _settings(args)  # bad values fail before the model loads
+    model, tokenizer = load_for_inference(args.model)
+    chat_session(model, tokenizer, settings)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from moetune.inference import complete_rows, load_for_inference, read_prompts, write_jsonl
+
+    settings = _settings(args)
+    rows = read_prompts(args.file) if args.file else [({}, args.prompt)]
+    model, tokenizer = load_for_inference(args.model)
+    results = complete_rows(model, tokenizer, rows, settings, raw=args.raw, batch_size=args.batch_size)
+    if args.out:
+        print(f"wrote {len(results)} completion(s) to {write_jsonl(results, args.out)}", file=sys.stderr)
+    elif args.prompt is not None:
+        print(results[0]["completion"])
+    else:
+        for result in results:
+            print(json.dumps(result, ensure_ascii=False))
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from moetune.merging import merge_run
+
+    report = merge_run(args.run_dir, args.out_dir, args.dtype)
+    print(report.format_text())
+    print(f"wrote {args.out_dir}")
+
+
+def _push(args: argparse.Namespace) -> None:
+    from moetune.hub import push_run
+
+    url = push_run(args.run_dir, args.repo_id, private=args.private, revision=args.revision, merged=args.merged,
+                   merge_dtype=args.dtype)
+    print(f"pushed {args.run_dir} to {args.repo_id}: {url}")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a moetune run dir, a merged model dir, any model dir, or a Hub id")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily; > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature > 0)")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +230,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write routing.json and routing.png to this directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_routing)
+
+    p = commands.add_parser("chat", help="talk to a trained model in the terminal (streamed; /reset, /quit)")
+    _add_generation_args(p)
+    p.set_defaults(run=_chat)
+
+    p = commands.add_parser("generate", help="complete prompts in batches (greedy by default)")
+    _add_generation_args(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt (a user turn of the chat template, unless --raw)")
+    source.add_argument("--file", help='.jsonl file with {"prompt": text or messages} or {"messages": [...]} rows')
+    p.add_argument("--out", help="write {prompt, completion} rows to this .jsonl file (default: print them)")
+    p.add_argument("--raw", action="store_true", help="feed text prompts as they are, without the chat template")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(run=_generate)
+
+    from moetune.merging import MERGE_DTYPES
+
+    p = commands.add_parser("merge", help="fold a LoRA run into a plain checkpoint (verified) for serving engines")
+    p.add_argument("run_dir", help="a LoRA run's output directory")
+    p.add_argument("out_dir", help="directory to write the merged model to (must not exist)")
+    p.add_argument("--dtype", choices=MERGE_DTYPES, default="bfloat16", help="dtype of the merged weights")
+    p.set_defaults(run=_merge)
+
+    p = commands.add_parser("push", help="upload a run (adapter or model, tokenizer, card, recipe) to the Hub")
+    p.add_argument("run_dir", help="a run's output directory")
+    p.add_argument("repo_id", help="owner/name of the Hub model repo (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="branch to push to (created when missing; default main)")
+    p.add_argument("--merged", action="store_true", help="merge the adapter first and push the merged model")
+    p.add_argument("--dtype", choices=MERGE_DTYPES, default="bfloat16", help="dtype of the merged model (--merged)")
+    p.set_defaults(run=_push)
     _add_tool_commands(parser, commands)
     return parser
 

@@ -104,9 +104,12 @@ def modules_trained_in_full(model: nn.Module, freeze: FreezeSection) -> list[str
     to `add_adapters(..., modules_to_save=...)` so the adapter directory carries them and
     `PeftModel.from_pretrained` restores them.
     """
-    return sorted({canonical_name(name).rsplit(".", 1)[0]
-                   for name, _, group, train in _decide(model, freeze, lora_enabled=True)
-                   if train and group != ADAPTER_GROUP})
+    owners = sorted({canonical_name(name).rsplit(".", 1)[0]
+                     for name, _, group, train in _decide(model, freeze, lora_enabled=True)
+                     if train and group != ADAPTER_GROUP})
+    # Only outermost modules: the copy PEFT makes of a module includes its children, and listing a child as well
+    # (ernie's router holds `moe_statics`) breaks PEFT's loading of the saved adapter with a KeyError.
+    return [name for name in owners if not any(name.startswith(f"{other}.") for other in owners)]
 
 
 def freeze(model: nn.Module, freeze: FreezeSection, *, lora_enabled: bool) -> FreezeReport:

@@ -218,3 +218,15 @@ def load_model(
 def load_tokenizer(model: ModelSection | str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model directory or Hub id, without loading any weights."""
     return _load_tokenizer(ModelSection(name_or_path=model) if isinstance(model, str) else model)
+
+
+def empty_model(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model's architecture without its weights, on the meta device: parameter names and shapes (and the
+    layout PEFT gives an adapter on it) at no memory and no download beyond config.json.
+
+    Raises:
+        MoetuneError: as `read_config`.
+    """
+    config = read_config(name_or_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

@@ -6,7 +6,9 @@ Applying controls again to the same model first removes the previous ones, so th
 can both call `apply_router_controls` safely.
 """
 
+import functools
 import logging
+import types
 from typing import Any
 
 import torch
@@ -66,7 +68,6 @@ def apply_router_controls(model: nn.Module, moe: MoESection) -> RouterControls:
         previous.remove()
     controls = RouterControls()
     for layer in find_moe_layers(model):
-        _drop_stale_copies(layer.router)
         if moe.router_fp32:
             _router_to_fp32(layer.router, controls)
         if moe.router_fp32 or moe.router_jitter > 0:
@@ -81,20 +82,6 @@ def apply_router_controls(model: nn.Module, moe: MoESection) -> RouterControls:
     return controls
 
 
-def _drop_stale_copies(router: nn.Module) -> None:
-    """Remove router forwards that were copied from another module (e.g. by PEFT's `modules_to_save`).
-
-    Our router forward is an instance attribute closing over the module it was installed on. `copy.deepcopy` of
-    that module (what PEFT does to make the trainable copy) keeps the same function, so the copy would call the
-    frozen original and never train. Such copies get their class's forward back; controls are installed anew.
-    """
-    for module in router.modules():
-        forward = module.__dict__.get("forward")
-        owner = getattr(forward, "_moetune_router", None)
-        if owner is not None and owner is not module:
-            del module.forward
-
-
 def _router_to_fp32(router: nn.Module, controls: RouterControls) -> None:
     for param in router.parameters():
         if param.is_floating_point() and param.dtype != torch.float32:
@@ -107,17 +94,20 @@ def _router_to_fp32(router: nn.Module, controls: RouterControls) -> None:
 def _wrap_router_forward(router: nn.Module, jitter: float, fp32: bool, logits_index: int, fused: bool,
                          controls: RouterControls) -> None:
     # An instance-level forward, not a pre-hook: a hook cannot switch autocast off around the router's matmul,
-    # and under bf16 autocast F.linear would run in bf16 even with fp32 inputs.
+    # and under bf16 autocast F.linear would run in bf16 even with fp32 inputs. A bound method, not a closure over
+    # `router`: PEFT's modules_to_save deep-copies the router, and a copied bound method is rebound to the copy,
+    # whereas a closure would keep running the original router and the trained copy would get no gradient.
     original = router.forward
 
-    def forward(hidden_states, *args, **kwargs):
-        if jitter > 0 and router.training:
+    def forward(self, hidden_states, *args, **kwargs):
+        run = original if self is router else functools.partial(type(self).forward, self)
+        if jitter > 0 and self.training:
             noise = torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
             hidden_states = hidden_states * noise  # out of place: the experts must not see the noise
         if not fp32:
-            return original(hidden_states, *args, **kwargs)
+            return run(hidden_states, *args, **kwargs)
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            output = original(hidden_states.float(), *args, **kwargs)
+            output = run(hidden_states.float(), *args, **kwargs)
         if fused and isinstance(output, tuple):
             return output
         # Unfused families (dbrx, llama4, jetmoe) feed the routing weights, or dbrx the logits themselves, straight
@@ -130,8 +120,7 @@ def _wrap_router_forward(router: nn.Module, jitter: float, fp32: bool, logits_in
             else item for i, item in enumerate(output)
         )
 
-    forward._moetune_router = router  # lets _drop_stale_copies tell a copied forward from this one
-    router.forward = forward
+    router.forward = types.MethodType(forward, router)
     controls._add(lambda: delattr(router, "forward"))
 
 

@@ -11,6 +11,7 @@ malformed, too long, per split), `trainer_state.json` and the routing report (ro
 """
 
 import json
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from moetune.errors import MoetuneError, RecipeError
 from moetune.launch_check import check_launch, describe_launch
 from moetune.run_dir import RunDir, write_atomic
 
+
+logger = logging.getLogger(__name__)
 
 SAMPLE_MAX_NEW_TOKENS = 48
 # Sections that must not change between a run and its --resume: the weights in its checkpoints depend on them.
@@ -169,18 +172,36 @@ def _train_and_save(trainer, recipe: Recipe, run: RunDir, state, checkpoint: Pat
     trainer.save_model(str(run.path))  # adapter (PEFT layout) or full model + tokenizer; main process only
     trainer.save_state()
     if state.is_main_process:
-        write_atomic(run.path / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        write_atomic(run.path / "data_report.json", json.dumps(data.report.to_dict(), indent=2) + "\n")
-        write_atomic(run.path / "recipe.yaml", dump_recipe(recipe))  # on --resume: only once it succeeded
-        run.set_status("finished", global_step=trainer.state.global_step)
+        _finish_run_dir(recipe, run, metrics, data, trainer.state.global_step)
     if prompts and state.is_main_process:
         _say(state, "Sample generations after training:\n" + format_samples(generate(model, tokenizer, prompts), tokenizer))
     if recipe.output.push_to_hub and state.is_main_process:
-        # Not exercised offline; the recipe check already made sure hub_repo_id is set.
-        trainer.model.push_to_hub(recipe.output.hub_repo_id, private=recipe.output.private)
-        tokenizer.push_to_hub(recipe.output.hub_repo_id, private=recipe.output.private)
+        from moetune.hub import push_run
+
+        # The recipe check already made sure hub_repo_id is set; the token comes from HF_TOKEN or the saved login.
+        _say(state, f"pushed to {push_run(run.path, recipe.output.hub_repo_id, private=recipe.output.private)}")
     state.wait_for_everyone()
     return metrics
+
+
+def _finish_run_dir(recipe: Recipe, run: RunDir, metrics: dict, data, global_step: int) -> None:
+    """After the trainer saved: a portable adapter, metrics, the resolved recipe, the model card, then `finished`."""
+    from moetune.merging import serving_warning
+    from moetune.model_card import write_model_card
+
+    if recipe.lora is not None:
+        from moetune.adapters import make_adapter_portable
+
+        # Loads with plain PEFT onto a full-precision base from anywhere (absolute base path, unquantized nesting).
+        make_adapter_portable(run.path, recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    write_atomic(run.path / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_atomic(run.path / "data_report.json", json.dumps(data.report.to_dict(), indent=2) + "\n")
+    write_atomic(run.path / "recipe.yaml", dump_recipe(recipe))  # on --resume: only once it succeeded
+    write_model_card(run.path)  # replaces TRL's stock card
+    warning = serving_warning(run.path)
+    if warning:
+        logger.warning(warning)
+    run.set_status("finished", global_step=global_step)
 
 
 @contextmanager

@@ -139,3 +139,27 @@ def test_cpu_dropout_statistics(dtype):
     torch.manual_seed(0)
     assert torch.equal(_dropout(x, 0.1, training=True), out)  # reproducible under the global seed
     assert _dropout(x, 0.1, training=False) is x
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "ernie4_5_moe"])
+def test_router_trained_in_full_beside_lora_is_the_one_that_runs(arch):
+    """PEFT's modules_to_save deep-copies the router after the fp32 control is on: the copy must run (and train)."""
+    from moetune.adapters import add_adapters
+    from moetune.config import FreezeSection, LoraSection
+    from moetune.freezing import freeze, modules_trained_in_full
+
+    model = _model(arch)
+    apply_router_controls(model, MoESection(router_fp32=True))  # as load_model does
+    train = FreezeSection(train=["router"])
+    model = add_adapters(model, LoraSection(r=2, targets=["attention"]), modules_to_save=modules_trained_in_full(model, train))
+    freeze(model, train, lora_enabled=True)
+    apply_router_controls(model, MoESection(router_fp32=True))  # and again, as MoETrainer does
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    copies = [p for n, p in model.named_parameters() if ".modules_to_save.default." in n and n.endswith("weight")]
+    assert copies and all(p.grad is not None and p.grad.abs().sum() > 0 for p in copies)
+    before = _logits(model, train=False)
+    with torch.no_grad():
+        for p in copies:
+            p.mul_(-1.0)
+    assert not torch.equal(_logits(model, train=False), before)
