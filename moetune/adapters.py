@@ -96,6 +96,12 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> tuple[list[str], li
             modules |= set(router_modules)
             params |= set(router_params)
         elif target == "experts":
+            if info.model_type == "dbrx":
+                # DbrxExperts.forward reads `self.mlp.v1` directly, which PEFT's ParamWrapper hides: the first
+                # forward would crash (docs/upstream.md#peft-expert-lora-limits). Say it before anything trains.
+                raise MoetuneError("lora.targets: LoRA on dbrx experts is not supported (its experts module reads "
+                                   "its weights directly, past PEFT's wrapper); use `freeze.train: [experts]` "
+                                   "or LoRA on attention")
             params |= set(_expert_targets(model))
         else:
             modules |= {n for n in linears if n == target or n.endswith(f".{target}")}

@@ -237,3 +237,11 @@ def test_target_errors_say_what_the_model_has(tiny_model_dir):
         add_adapters(model, LoraSection(targets=["qkv"]))
     with pytest.raises(MoetuneError, match=r"lora.dropout.*must be 0.0.*got 0.1"):
         add_adapters(model, LoraSection(targets=["experts"], dropout=0.1))
+
+
+def test_expert_lora_on_dbrx_is_refused_clearly(tiny_model_dir):
+    from moetune.loading import load_model
+
+    model, _ = load_model(str(tiny_model_dir("dbrx")))
+    with pytest.raises(MoetuneError, match="LoRA on dbrx experts is not supported"):
+        add_adapters(model, LoraSection(targets=["experts"]))
