@@ -6,6 +6,7 @@ API cannot drift apart. User mistakes (`MoetuneError`) print one line and exit n
     moetune validate RECIPE [--set key.path=value ...]
     moetune train RECIPE [--set key.path=value ...] [--resume | --overwrite]
     moetune routing MODEL DATA [--max-examples N] [--max-length N] [--out DIR] [--json]
+    moetune prune MODEL DATA OUT --keep N|FRACTION [--score reap|tokens|gate] [--max-tokens N] [--json]
 """
 
 import argparse
@@ -77,6 +78,30 @@ def _routing(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2) if args.json else format_routing_report(report))
 
 
+def _prune(args: argparse.Namespace) -> None:
+    from moetune.pruning import format_prune_report, prune
+
+    report = prune(args.model, args.data, args.out, keep=args.keep, score=args.score, max_tokens=args.max_tokens,
+                   max_length=args.max_length, batch_size=args.batch_size)
+    print(json.dumps(report, indent=2) if args.json else format_prune_report(report))
+
+
+def _add_prune_parser(commands) -> None:
+    p = commands.add_parser("prune", help="remove the lowest-scoring experts of every MoE layer (REAP, tokens, gate)")
+    p.add_argument("model", help="local model directory")
+    p.add_argument("data", help="calibration data file (.jsonl/.json/.csv/.parquet) in any moetune data format")
+    p.add_argument("out", help="directory for the pruned checkpoint (loads with AutoModelForCausalLM)")
+    p.add_argument("--keep", type=float, required=True, metavar="N|FRACTION",
+                   help="experts kept per MoE layer: a count (6) or a fraction (0.75)")
+    p.add_argument("--score", choices=["reap", "tokens", "gate"], default="reap",
+                   help="what ranks the experts: REAP saliency (default), token share or gate mass")
+    p.add_argument("--max-tokens", type=int, default=20000, help="calibration tokens")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_prune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moetune", description="Fine-tune sparse Mixture-of-Experts language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks for every error")
@@ -124,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write routing.json and routing.png to this directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_routing)
+    _add_prune_parser(commands)
     return parser
 
 

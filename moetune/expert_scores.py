@@ -223,6 +223,20 @@ def _within_budget(batch: dict[str, torch.Tensor], budget: int) -> dict[str, tor
     return {"input_ids": ids[:rows], "attention_mask": mask[:rows]}
 
 
+def token_batches(data: Iterable, *, tokenizer=None, max_tokens: int, batch_size: int = 8,
+                  max_length: int = 512) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches (`input_ids`, `attention_mask`) from `data` (see `score_experts`), `max_tokens` real tokens in all."""
+    seen = 0
+    for batch in _as_batches(tokenizer, data, batch_size, max_length):
+        if seen >= max_tokens:
+            return
+        batch = _within_budget(batch, max_tokens - seen)
+        if batch["input_ids"].numel() == 0:
+            return
+        seen += int(batch["attention_mask"].sum())
+        yield batch
+
+
 @torch.no_grad()
 def score_experts(model: nn.Module, data: Iterable, *, tokenizer=None, max_tokens: int = 20000, batch_size: int = 8,
                   max_length: int = 512, reap: bool = True) -> ExpertScores:
@@ -248,12 +262,8 @@ def score_experts(model: nn.Module, data: Iterable, *, tokenizer=None, max_token
     scorer = _Scorer(model, with_reap=reap)
     seen = 0
     try:
-        for batch in _as_batches(tokenizer, data, batch_size, max_length):
-            if seen >= max_tokens:
-                break
-            batch = _within_budget(batch, max_tokens - seen)
-            if batch["input_ids"].numel() == 0:
-                break
+        for batch in token_batches(data, tokenizer=tokenizer, max_tokens=max_tokens, batch_size=batch_size,
+                                   max_length=max_length):
             scorer.token_mask = batch["attention_mask"].reshape(-1).bool()
             model(**{k: v.to(device) for k, v in batch.items()})
             scorer.add_fallback()
@@ -274,6 +284,20 @@ def format_scores(scores: ExpertScores, score: str) -> str:
         order = sorted(range(scores.num_experts), key=lambda e: -values[layer][e])
         lines.append(f"layer {layer:>3}: " + "  ".join(f"{e}:{values[layer][e]:.3g}" for e in order))
     return "\n".join(lines)
+
+
+def scores_from_report(report: dict[str, Any]) -> ExpertScores:
+    """The `ExpertScores` kept in a routing report's layers (`telemetry.add_expert_scores`)."""
+    layers = [layer for layer in report["layers"] if "scores" in layer]
+    scores = ExpertScores(model_type=report.get("model_type", "?"), num_experts=report.get("num_experts", 0),
+                          top_k=report.get("top_k", 0), tokens=report.get("tokens", 0))
+    scores.reap = {} if all("reap" in layer["scores"] for layer in layers) else None
+    for layer in layers:
+        scores.token_share[layer["layer"]] = layer["scores"]["token_share"]
+        scores.gate_mass[layer["layer"]] = layer["scores"]["gate_mass"]
+        if scores.reap is not None:
+            scores.reap[layer["layer"]] = layer["scores"]["reap"]
+    return scores
 
 
 def write_scores_plot(scores: ExpertScores, path: str | Path) -> Path:

@@ -195,3 +195,15 @@ def test_experts_with_lora_needs_expert_targets(forced_dir, tmp_path):
 
     with pytest.raises(RecipeError, match="lora.targets` must include experts"):
         load_recipe(_esft_recipe(forced_dir, tmp_path / "run", lora={"r": 2, "targets": ["attention"]}))
+
+
+def test_routing_command_reports_expert_scores(tiny_model_dir, tmp_path, capsys):
+    from moetune.cli import main
+
+    out = tmp_path / "routing"
+    assert main(["routing", str(tiny_model_dir("mixtral")), DEMO_TRAIN, "--max-examples", "8", "--out", str(out)]) == 0
+    report = json.loads((out / "routing.json").read_text())
+    for layer in report["layers"]:
+        assert set(layer["scores"]) == {"token_share", "gate_mass", "reap"}
+        assert layer["scores"]["token_share"] == pytest.approx(layer["share"], abs=1e-6)
+    assert (out / "expert_scores.png").is_file()
