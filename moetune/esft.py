@@ -13,6 +13,8 @@ That works with any optimizer; its cost is the memory of that copy. The alternat
 param group without weight decay, decay applied by hand to the selected slices) would save the copy but ties the
 code to AdamW's update rule.
 
+See docs/upstream.md#trainer-optimizer-step-callback and docs/upstream.md#peft-expert-lora-blocks.
+
 The run dir gets `expert_selection.json` and, when trained in full, `esft_experts.safetensors` with just the selected
 slices (and any other group `freeze.train` trained); `load_esft(base, run_dir)` puts them back on a fresh base.
 """
