@@ -5,7 +5,7 @@
 The experts are scored on calibration data (`expert_scores.score_experts`: REAP, token share or gate mass), and
 every MoE layer keeps its N best (the config holds one expert count, so N is the same in every layer). The pruned
 model is built from an edited config, with the state dict cut consistently: every expert parameter (biases too) on
-its expert axis, and in the router every tensor with an expert axis (weight rows, bias, the sigmoid families'
+its expert axis (dbrx's 2-D [E*F, H] stacks as E blocks of rows), and in the router every tensor with an expert axis (weight rows, bias, the sigmoid families'
 `e_score_correction_bias`). Shared experts are untouched. top-k is lowered to N where it exceeded it, and
 group-limited routing must stay valid. What the pruned model computes is the original with the removed experts'
 router logits at -inf: softmax (and top-k renormalization) then runs over the kept experts only, so for families that
@@ -28,8 +28,6 @@ from moetune.expert_scores import ExpertScores, score_experts, token_batches
 
 # Families whose experts cannot be cut by the rules above, and why.
 _BLOCKED = {
-    "dbrx": "dbrx keeps its experts as 2-D stacks [E*F, H] (ffn.experts.mlp.w1/v1/w2) and the expert count in the "
-            "nested ffn_config; moetune prune does not cut those",
     "jetmoe": "jetmoe's num_local_experts also sizes the mixture-of-attention experts inside every attention layer, "
               "so its MLP experts cannot be pruned alone",
 }
@@ -61,15 +59,20 @@ def pruned_config(config, kept: int):
     config = copy.deepcopy(config)
     text = config.get_text_config()
     fields = text.to_dict()
-    for key in _NUM_EXPERTS_KEYS:  # only the real keys; aliases (attribute_map) follow them
-        if key in fields and fields[key] is not None:
-            setattr(text, key, kept)
-    for key in _TOP_K_KEYS:
-        value = fields.get(key)
-        if isinstance(value, (list, tuple)):
-            setattr(text, key, [min(int(v), kept) for v in value])
-        elif value is not None:
-            setattr(text, key, min(int(value), kept))
+    # dbrx keeps its MoE keys in a sub-config (ffn_config); every other family at the top of the text config
+    for owner in (text, getattr(text, "ffn_config", None)):
+        if owner is None or not hasattr(owner, "to_dict"):
+            continue
+        owned = owner.to_dict()
+        for key in _NUM_EXPERTS_KEYS:  # only the real keys; aliases (attribute_map) follow them
+            if owned.get(key) is not None:
+                setattr(owner, key, kept)
+        for key in _TOP_K_KEYS:
+            value = owned.get(key)
+            if isinstance(value, (list, tuple)):
+                setattr(owner, key, [min(int(v), kept) for v in value])
+            elif value is not None:
+                setattr(owner, key, min(int(value), kept))
     n_group, topk_group = fields.get("n_group"), fields.get("topk_group")
     if n_group is not None and n_group > 1:
         if topk_group is not None and topk_group >= n_group:
@@ -85,10 +88,12 @@ def pruned_config(config, kept: int):
 
 def _cut(tensor: torch.Tensor, ids: torch.Tensor, num_experts: int, key: str, expert_stack: bool) -> torch.Tensor:
     if expert_stack:
-        if tensor.shape[0] != num_experts:
+        if tensor.shape[0] % num_experts:
             raise MoetuneError(f"{key} has shape {tuple(tensor.shape)}: not stacked on a first axis of {num_experts} "
                                "experts, so moetune prune cannot cut it")
-        return tensor.index_select(0, ids.to(tensor.device))
+        # [E, ...] fused stacks, or dbrx's expert-major 2-D [E*F, H] rows
+        per_expert = tensor.reshape(num_experts, -1, *tensor.shape[1:])
+        return per_expert.index_select(0, ids.to(tensor.device)).reshape(-1, *tensor.shape[1:])
     for dim, size in enumerate(tensor.shape):
         if size == num_experts:
             return tensor.index_select(dim, ids.to(tensor.device))

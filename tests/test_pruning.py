@@ -113,8 +113,8 @@ def test_every_family_prunes_and_reloads_with_plain_transformers(tiny_model_dir,
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch)).eval()
     info = describe_moe(model)
     keep = {layer: [0, 1, 3] for layer in info.moe_layers}
-    if arch in ("dbrx", "jetmoe"):
-        with pytest.raises(MoetuneError, match=f"cannot prune {arch}: "):
+    if arch == "jetmoe":  # its expert count also sizes the mixture-of-attention experts
+        with pytest.raises(MoetuneError, match="cannot prune jetmoe: .*mixture-of-attention"):
             prune_model(model, keep)
         return
     pruned = prune_model(model, keep)
@@ -123,7 +123,7 @@ def test_every_family_prunes_and_reloads_with_plain_transformers(tiny_model_dir,
     assert describe_moe(reloaded).num_experts == 3
     for layer in find_moe_layers(reloaded):
         for _, param in layer.experts.named_parameters():
-            assert param.shape[0] == 3
+            assert param.shape[0] in (3, 3 * 32)  # dbrx: [E*F, H] with F = 32
     assert torch.equal(_logits(reloaded), _logits(pruned))
 
 
