@@ -225,7 +225,7 @@ def prepare_expert_selection(model: nn.Module, recipe: Recipe, train_rows, token
     scores = score_experts(model, train_rows, tokenizer=tokenizer, max_tokens=select.max_tokens,
                            max_length=recipe.data.max_length, reap=False)
     selection = select_experts(scores, select.score, select.top_p)
-    logger.info("%s", selection.format_table())
+    logger.debug("%s", selection.format_table())  # finetune prints it beside the freeze table
     return selection
 
 

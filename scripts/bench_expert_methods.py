@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 
-FT_STEPS, HEAL_STEPS = 150, 150
+FT_STEPS, HEAL_STEPS = 100, 100
 
 
 def _recipe(model: str, train: str, out: str, *, steps: int, lr: float, **sections) -> dict:
