@@ -14,6 +14,7 @@ API cannot drift apart. User mistakes (`MoetuneError`) print one line and exit n
     moetune generate RUN_DIR_OR_MODEL (--prompt TEXT | --file PROMPTS.jsonl) [--out OUT.jsonl] [...]
     moetune merge RUN_DIR OUT_DIR [--dtype bfloat16|float32|float16]
     moetune push RUN_DIR REPO_ID [--private] [--revision R] [--merged]
+    moetune prune MODEL DATA OUT --keep N|FRACTION [--score reap|tokens|gate] [--max-tokens N] [--json]
 """
 
 import argparse
@@ -181,6 +182,28 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily; > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature > 0)")
     p.add_argument("--seed", type=int, help="random seed for sampling")
+def _prune(args: argparse.Namespace) -> None:
+    from moetune.pruning import format_prune_report, prune
+
+    report = prune(args.model, args.data, args.out, keep=args.keep, score=args.score, max_tokens=args.max_tokens,
+                   max_length=args.max_length, batch_size=args.batch_size)
+    print(json.dumps(report, indent=2) if args.json else format_prune_report(report))
+
+
+def _add_prune_parser(commands) -> None:
+    p = commands.add_parser("prune", help="remove the lowest-scoring experts of every MoE layer (REAP, tokens, gate)")
+    p.add_argument("model", help="local model directory")
+    p.add_argument("data", help="calibration data file (.jsonl/.json/.csv/.parquet) in any moetune data format")
+    p.add_argument("out", help="directory for the pruned checkpoint (loads with AutoModelForCausalLM)")
+    p.add_argument("--keep", type=float, required=True, metavar="N|FRACTION",
+                   help="experts kept per MoE layer: a count (6) or a fraction (0.75)")
+    p.add_argument("--score", choices=["reap", "tokens", "gate"], default="reap",
+                   help="what ranks the experts: REAP saliency (default), token share or gate mass")
+    p.add_argument("--max-tokens", type=int, default=20000, help="calibration tokens")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_prune)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=MERGE_DTYPES, default="bfloat16", help="dtype of the merged model (--merged)")
     p.set_defaults(run=_push)
     _add_tool_commands(parser, commands)
+    _add_prune_parser(commands)
     return parser
 
 

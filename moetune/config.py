@@ -102,6 +102,23 @@ class MoESection(Strict):
     """Record per-layer expert load, entropy and dead experts while training; write routing.json and routing.png."""
 
 
+class ExpertSelectSection(Strict):
+    score: Literal["tokens", "gate"] = "tokens"
+    """What ranks the experts of a layer: `tokens` (share of routed slots, ESFT-Token) or `gate` (share of the
+    routing weights, ESFT-Gate)."""
+    top_p: float = Field(0.2, gt=0.0, le=1.0)
+    """Per layer, the experts in score order until their cumulative share reaches this (ESFT uses 0.1-0.3)."""
+    max_tokens: int = Field(20000, gt=0)
+    """Training tokens the experts are scored on before training."""
+
+
+class ExpertsSection(Strict):
+    select: ExpertSelectSection = Field(default_factory=ExpertSelectSection)
+    """Expert-specialized fine-tuning (ESFT): score the routed experts on the training data, then train only the
+    selected ones; in full without `lora`, or with LoRA on the experts (`lora.targets` must include experts).
+    Other groups train only when `freeze.train` names them."""
+
+
 class DataSection(Strict):
     train: str
     """Training data: a local .jsonl/.json/.csv/.parquet file, or a Hub dataset id (optionally `id:split`)."""
@@ -142,6 +159,8 @@ class Recipe(Strict):
     """What trains in full, by parameter group, preset or regex."""
     moe: MoESection = Field(default_factory=MoESection)
     """Router losses, router and expert regularisation, routing telemetry."""
+    experts: ExpertsSection | None = None
+    """Train only the experts that the training data routes to (ESFT). Omit to train every expert."""
     data: DataSection
     """Training and evaluation data, their format, and how examples are cut and packed."""
     train: dict[str, Any] = Field(default_factory=dict)
@@ -455,6 +474,11 @@ def _check_cross(raw: dict) -> list[str]:
                 re.compile(str(pattern))
             except re.error as err:
                 problems.append(f"`freeze.{key}`: {pattern!r} is not a valid regular expression ({err})")
+    if isinstance(raw.get("experts"), dict) and isinstance(lora, dict):
+        targets = lora.get("targets", ["attention"])
+        if isinstance(targets, list) and "experts" not in targets:
+            problems.append("`experts` with a `lora` section trains LoRA on the selected experts only, so "
+                            f"`lora.targets` must include experts (got {targets}); or drop `lora` to train them in full")
     if raw.get("quantization") is not None and raw.get("lora") is None:
         problems.append("`quantization` needs a `lora` section: 4-bit weights cannot be trained or saved in full (QLoRA)")
     train = raw.get("train")

@@ -208,7 +208,8 @@ class RoutingTelemetry(TrainerCallback):
 
 
 def write_routing_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write `routing.json` and `routing.png` (layers x experts heatmap of the slot share) into `out_dir`."""
+    """Write `routing.json` and `routing.png` (layers x experts heatmap of the slot share) into `out_dir`, and
+    `expert_scores.png` when the report carries expert scores (`add_expert_scores`)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
@@ -230,6 +231,10 @@ def write_routing_report(report: dict[str, Any], out_dir: str | Path) -> tuple[P
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
+    if any("scores" in layer for layer in layers):  # `moetune routing` adds expert scores: plot them beside it
+        from moetune.expert_scores import scores_from_report, write_scores_plot
+
+        write_scores_plot(scores_from_report(report), out / "expert_scores.png")
     return json_path, png_path
 
 
@@ -314,9 +319,20 @@ def routing_from_paths(model_path: str, data_path: str, *, max_examples: int = 2
     """`moetune routing MODEL DATA`: load the model and the data the moetune way, then `measure_routing`."""
     from moetune.config import DataSection
     from moetune.data import load_datasets
+    from moetune.expert_scores import score_experts
     from moetune.loading import load_model
 
     model, tokenizer = load_model(model_path)
     data = load_datasets(DataSection(train=data_path, max_length=max_length), tokenizer)
     rows = data.train.select(range(min(max_examples, len(data.train))))
-    return measure_routing(model, tokenizer, rows, batch_size=batch_size, max_length=max_length)
+    report = measure_routing(model, tokenizer, rows, batch_size=batch_size, max_length=max_length)
+    add_expert_scores(report, score_experts(model, rows, tokenizer=tokenizer, max_tokens=10**12,
+                                            batch_size=batch_size, max_length=max_length))
+    return report
+
+
+def add_expert_scores(report: dict[str, Any], scores) -> None:
+    """Put each layer's token share, gate mass and REAP (`moetune.expert_scores`) under `scores` in the report."""
+    for layer in report["layers"]:
+        if layer["layer"] in scores.token_share:
+            layer["scores"] = scores.layer_dict(layer["layer"])

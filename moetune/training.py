@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_MAX_NEW_TOKENS = 48
 # Sections that must not change between a run and its --resume: the weights in its checkpoints depend on them.
-_SETUP_SECTIONS = ("model", "quantization", "lora", "freeze")
+_SETUP_SECTIONS = ("model", "quantization", "lora", "freeze", "experts")
 
 
 def finetune(
@@ -87,6 +87,8 @@ def finetune(
         check_launch(trainer.accelerator)  # a silent fallback to another mode is an error, not a different run
         _say(state, describe_launch(trainer.accelerator))
         _say(state, trainer.freeze_report.format_table())
+        if trainer.expert_selection is not None:
+            _say(state, trainer.expert_selection.format_table())
         metrics = _train_and_save(trainer, recipe, run, state, checkpoint, data)
     _say(state, _summary(run.path, metrics))
     return run.path, metrics
@@ -124,6 +126,7 @@ def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None)
 
     from moetune.adapters import add_adapters
     from moetune.data import load_datasets
+    from moetune.esft import attach_expert_selection, esft_freeze, prepare_expert_selection
     from moetune.freezing import freeze, modules_trained_in_full
     from moetune.loading import load_model
     from moetune.trainer import MoETrainer
@@ -132,23 +135,28 @@ def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None)
     args = args if args is not None else sft_config(recipe, has_eval=recipe.data.eval is not None)
     set_seed(args.seed)  # the trainer seeds only after the adapters exist; LoRA's init must repeat too (--resume)
     model, tokenizer = load_model(recipe.model, recipe.quantization, router_fp32=recipe.moe.router_fp32)
+    freeze_section = esft_freeze(recipe)  # `experts` (ESFT) without LoRA adds the routed experts
     if recipe.lora is not None:
         # Groups trained in full beside LoRA must travel in the adapter dir (PEFT's modules_to_save).
-        model = add_adapters(model, recipe.lora, modules_to_save=modules_trained_in_full(model, recipe.freeze))
-    report = freeze(model, recipe.freeze, lora_enabled=recipe.lora is not None)
+        model = add_adapters(model, recipe.lora, modules_to_save=modules_trained_in_full(model, freeze_section))
+    report = freeze(model, freeze_section, lora_enabled=recipe.lora is not None)
     if report.trainable == 0:
         raise MoetuneError("nothing to train: `freeze` leaves every parameter frozen and there are no LoRA adapters; "
                            "set `freeze.train` (e.g. [non_experts]) or add a `lora` section")
     data = data if data is not None else load_datasets(recipe.data, tokenizer)
+    selection = prepare_expert_selection(model, recipe, data.train, tokenizer)  # None without `experts`
     # MoETrainer installs the router controls (jitter, fp32 router, expert dropout) on the modules that train,
     # adds the aux/z losses and, with moe.telemetry, the RoutingTelemetry callback (routing.json/png).
     trainer = MoETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                          processing_class=tokenizer, moe=recipe.moe)
     trainer.freeze_report, trainer.data_report = report, data.report
+    attach_expert_selection(trainer, selection)  # trains only the selected experts (ExpertMask callback)
     return trainer
 
 
 def _train_and_save(trainer, recipe: Recipe, run: RunDir, state, checkpoint: Path | None, data) -> dict[str, Any]:
+    from moetune.esft import save_expert_selection
+
     model, tokenizer = trainer.model, trainer.processing_class
     prompts = sample_prompts(data.eval if data.eval is not None else data.train, recipe.output.sample_prompts)
     if prompts and state.is_main_process:
@@ -170,6 +178,7 @@ def _train_and_save(trainer, recipe: Recipe, run: RunDir, state, checkpoint: Pat
 
     trainer.check_weights_finite("final model")  # a diverged run is never saved as a finished model
     trainer.save_model(str(run.path))  # adapter (PEFT layout) or full model + tokenizer; main process only
+    save_expert_selection(trainer, run.path)  # ESFT: expert_selection.json (+ the selected slices when full)
     trainer.save_state()
     if state.is_main_process:
         _finish_run_dir(recipe, run, metrics, data, trainer.state.global_step)
