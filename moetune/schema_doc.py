@@ -129,6 +129,8 @@ def _type(prop: dict) -> str:
 
 
 def _yaml(value: Any) -> str:
+    if hasattr(value, "model_dump"):  # a nested section's default: its own defaults, as one flow mapping
+        value = value.model_dump(mode="json")
     return json.dumps(value) if not isinstance(value, str) else value
 
 
