@@ -63,7 +63,7 @@ def finetune(
     from moetune.data import load_datasets
     from moetune.loading import load_tokenizer
 
-    data = load_datasets(recipe.data, load_tokenizer(recipe.model))
+    data = load_datasets(recipe.data, load_tokenizer(recipe.model), max_rows=_rows_needed(args, state))
     _say(state, data.report.format_text())
 
     with _claimed(run, state, resume=resume, overwrite=overwrite) as skipped:
@@ -78,7 +78,7 @@ def finetune(
         trainer = build_trainer(recipe, args=args, data=data)
         _say(state, trainer.freeze_report.format_table())
         metrics = _train_and_save(trainer, recipe, run, state, checkpoint, data)
-    _say(state, _summary(run.path, metrics))
+    _say(state, _summary(run.path, metrics), quiet_too=True)
     return run.path, metrics
 
 
@@ -132,8 +132,17 @@ def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None)
     data = data if data is not None else load_datasets(recipe.data, tokenizer)
     # MoETrainer installs the router controls (jitter, fp32 router, expert dropout) on the modules that train,
     # adds the aux/z losses and, with moe.telemetry, the RoutingTelemetry callback (routing.json/png).
-    trainer = MoETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                         processing_class=tokenizer, moe=recipe.moe)
+    with _datasets_bars_off():  # TRL's "Building labels / Truncating / Dropping" passes over data that is ready
+        trainer = MoETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                             processing_class=tokenizer, moe=recipe.moe)
+    # One compact line per logging step instead of the raw log dict (moetune/console.py, docs/metrics.md).
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from moetune.progress import StepPrinter
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(StepPrinter(bar=not args.disable_tqdm))
     trainer.freeze_report, trainer.data_report = report, data.report
     return trainer
 
@@ -340,11 +349,36 @@ def format_samples(samples, tokenizer) -> str:
 # ------------------------------------------------------------------------------------------------- reporting
 
 
-def _say(state, message: str) -> None:
-    if state.is_main_process and message:
+def _say(state, message: str, *, quiet_too: bool = False) -> None:
+    from moetune.console import is_quiet
+
+    if state.is_main_process and message and (quiet_too or not is_quiet()):
         print(message, flush=True)  # noqa: T201 -- progress of a long command, next to the trainer's own bar
 
 
 def _summary(out: Path, metrics: dict) -> str:
-    parts = [f"{k}={metrics[k]:.4f}" for k in ("eval_loss_start", "eval_loss", "train_loss") if metrics.get(k) is not None]
-    return f"Done: {out} ({', '.join(parts)})"
+    parts = [f"{k}={metrics[k]:.4f}" for k in ("eval_loss_start", "eval_loss", "train_loss", "aux_loss", "z_loss")
+             if metrics.get(k) is not None]
+    if metrics.get("train_runtime_s") is not None:
+        parts.append(f"{metrics.get('global_step')} steps in {metrics['train_runtime_s']:.1f} s")
+    return f"Done: {out} ({', '.join(parts)}); metrics in {out / 'metrics.json'}"
+
+
+def _rows_needed(args, state) -> int | None:
+    """Train rows a run with `max_steps` consumes (one global batch per step), for `load_datasets(max_rows=)`."""
+    if args.max_steps is None or args.max_steps <= 0:
+        return None
+    return args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * state.num_processes
+
+
+@contextmanager
+def _datasets_bars_off():
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
