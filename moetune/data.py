@@ -19,10 +19,11 @@ How (and why this way):
   * `max_rows` (the runner passes what `train.max_steps` consumes) tokenizes only the first rows, with a margin,
     and more if too many of them are dropped.
   * Local .jsonl/.json/.csv files are read by our own reader into one column of JSON text per row, parsed inside
-    the map, not by `load_dataset("json"/"csv")`: that loader gives no line numbers, fails the whole file on one
-    bad line, unifies every row into one Arrow schema (a row with `"messages": "oops"` among lists breaks the
-    load; missing keys become None) and types CSV cells (a prompt "42" becomes an int). Row-level reports need
-    the rows as the user wrote them. Parquet files and Hub datasets already have a schema and are used as they are.
+    the map, not by `load_dataset("json"/"csv")`: one line that is not JSON fails that loader's whole file, and its
+    error names neither the line nor the row ("JSON parse error ... in row 1" of a block), while the report must
+    count the bad line and keep the rest (docs/upstream.md#datasets-json-loader). A .json/.csv file is parsed
+    whole by Python anyway (one document, DictReader) to give the same per-row report. Parquet files and Hub
+    datasets already have a schema and are used as they are.
 """
 
 import contextlib
