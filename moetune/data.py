@@ -12,7 +12,7 @@ How (and why this way):
     `input_ids`, the mask and a `_problem` string per row ("" = kept), and the report (malformed with file:line,
     too long, warnings) is built from those columns. Under several processes (DDP) the main process tokenizes
     first and the other ranks read its cache.
-  * The result is cached on disk (`<HF datasets cache>/moetune/<key>`), keyed by the file (path, size, mtime)
+  * The result is cached on disk (`<HF datasets cache>/moetune/<key>`, `moetune.data_cache`), keyed by the file (path, size, mtime)
     or the Hub dataset's fingerprint, the tokenizer (name + a hash of its vocab, special tokens and chat
     template), the format, max_length, assistant_only_loss and the row limit. A rerun, a `--resume` and every
     other rank load it memory-mapped instead of tokenizing again.
@@ -26,17 +26,23 @@ How (and why this way):
     datasets already have a schema and are used as they are.
 """
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moetune.config import DataSection
+from moetune.data_cache import (
+    CACHE_VERSION,
+    cache_key,
+    main_process_first,
+    progress_bars,
+    read_cache,
+    tokenizer_fingerprint,
+    write_cache,
+)
 from moetune.data_rows import Malformed, RowTokenizer, detect_format, suspicious
 from moetune.errors import MoetuneError
 from moetune.rules import DATA_SUFFIXES, is_local_data_source
@@ -45,7 +51,6 @@ from moetune.textfiles import NotUtf8Text, decode_utf8
 
 logger = logging.getLogger(__name__)
 MAX_EXAMPLES = 5  # how many malformed / too-long rows the report quotes per split
-CACHE_VERSION = "1"  # bump when tokenizing changes what a cached dataset holds
 PARALLEL_FROM = 20_000  # rows; below this, worker processes cost more than they save
 _JSON = "_json"  # the column holding one row as JSON text (our own readers)
 
@@ -131,20 +136,20 @@ def _load_split(split: str, source: str, data: DataSection, tokenizer, report: D
                 num_proc: int | None, cache: bool):
     key = f"data.{split}"
     identity = _local_identity(source, key)  # checks the file before anything else
-    with _main_process_first():
+    with main_process_first():
         rows = None
         if identity is None:  # a Hub dataset: its identity is its fingerprint, known once loaded
             rows = _read_hub(source, key)
             identity = {"hub": source, "fingerprint": rows._fingerprint}
-        base = {"v": CACHE_VERSION, "source": identity, "tokenizer": _tokenizer_fingerprint(tokenizer),
+        base = {"v": CACHE_VERSION, "source": identity, "tokenizer": tokenizer_fingerprint(tokenizer),
                 "format": data.format, "max_length": data.max_length, "assistant_only_loss": data.assistant_only_loss}
-        keys = [_cache_key(base, None)] + ([_cache_key(base, limit)] if limit is not None else [])
+        keys = [cache_key(base, None)] + ([cache_key(base, limit)] if limit is not None else [])
         if cache:
-            for cache_key in keys:  # a full tokenization also serves any limit
-                hit = _read_cache(cache_key, split, source)
+            for key_hash in keys:  # a full tokenization also serves any limit
+                hit = read_cache(key_hash)
                 if hit is not None:
-                    dataset, rep = hit
-                    report.splits[split] = rep
+                    dataset, stored = hit
+                    rep = report.splits[split] = SplitReport(**{**stored, "split": split, "source": source, "cached": True})
                     for warning in rep.warnings:
                         logger.warning(warning)
                     return dataset
@@ -153,7 +158,7 @@ def _load_split(split: str, source: str, data: DataSection, tokenizer, report: D
             rows = _read_rows(source, key, rep)
         dataset = _tokenize(rows, data, tokenizer, rep, key, source, limit=limit, num_proc=num_proc)
         if cache:
-            _write_cache(keys[-1], dataset, rep)
+            write_cache(keys[-1], dataset, {**vars(rep), "cached": False})
         return dataset
 
 
@@ -340,7 +345,7 @@ def _tokenize(rows, data: DataSection, tokenizer, rep: SplitReport, key: str, so
         procs = num_proc if num_proc is not None else (min(os.cpu_count() or 1, 8) if parallel else 1)
         if procs > 1:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers; else a warning per worker
-        with _progress_bars(len(chunk) >= PARALLEL_FROM):  # a bar only where tokenizing takes a while
+        with progress_bars(len(chunk) >= PARALLEL_FROM):  # a bar only where tokenizing takes a while
             part = chunk.map(_MapRows(tokenize, data.max_length), batched=True, batch_size=256, remove_columns=chunk.column_names,
                              features=datasets.Features(features), num_proc=procs if procs > 1 else None,
                              desc=f"Tokenizing {rep.split} data")
@@ -426,85 +431,3 @@ def _warnings(empty: list[int], foreign: list[str], wheres: list[str], fmt: str,
                         f"{'have' if count > 1 else 'has'} {other} columns ({', '.join(FORMAT_COLUMNS[other])}) "
                         f"(first: {first}); only the {fmt} columns are read")
     return warnings
-
-
-# ---------------------------------------------------------------------------------------------------- caching
-
-
-def cache_root() -> Path:
-    """Where tokenized datasets are cached: `moetune/` under the Hugging Face datasets cache (HF_DATASETS_CACHE)."""
-    import datasets
-
-    return Path(datasets.config.HF_DATASETS_CACHE) / "moetune"
-
-
-def _tokenizer_fingerprint(tokenizer) -> str:
-    digest = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    for part in (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), vocab,
-                 json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
-                 str(getattr(tokenizer, "chat_template", None))):
-        digest.update(str(part).encode())
-        digest.update(b"\0")
-    return f"{getattr(tokenizer, 'name_or_path', '')}:{digest.hexdigest()[:24]}"
-
-
-def _cache_key(base: dict, limit: int | None) -> str:
-    return hashlib.sha256(json.dumps({**base, "max_rows": limit}, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _read_cache(cache_key: str, split: str, source: str):
-    import datasets
-
-    folder = cache_root() / cache_key
-    try:
-        stored = json.loads((folder / "report.json").read_text(encoding="utf-8"))
-        dataset = datasets.Dataset.load_from_disk(str(folder / "data"))
-    except (OSError, ValueError, FileNotFoundError):
-        return None
-    rep = SplitReport(**{**stored, "split": split, "source": source, "cached": True})
-    return dataset, rep
-
-
-def _write_cache(cache_key: str, dataset, rep: SplitReport) -> None:
-    """Written to a temporary folder, then renamed: a reader never sees half a cache entry."""
-    folder = cache_root() / cache_key
-    tmp = folder.with_name(f"{cache_key}.tmp-{os.getpid()}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        with _progress_bars(False):
-            dataset.save_to_disk(str(tmp / "data"))
-        (tmp / "report.json").write_text(json.dumps({**vars(rep), "cached": False}), encoding="utf-8")
-        os.replace(tmp, folder)
-    except OSError as err:  # a full disk or another process that won the race: the run goes on uncached
-        logger.debug("could not cache the tokenized data in %s: %s", folder, err)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _main_process_first():
-    """Under several processes the main one tokenizes (and caches) first; the others then read its cache."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        yield
-        return
-    from accelerate import PartialState
-
-    with PartialState().main_process_first():
-        yield
-
-
-@contextlib.contextmanager
-def _progress_bars(show: bool):
-    """datasets' progress bars off inside the block unless `show` (and not switched off globally already)."""
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    if was_enabled and not show:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled and not show:
-            datasets.enable_progress_bars()

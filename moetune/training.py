@@ -114,6 +114,7 @@ def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None)
 
     from moetune.adapters import add_adapters
     from moetune.data import load_datasets
+    from moetune.data_cache import progress_bars
     from moetune.freezing import freeze, modules_trained_in_full
     from moetune.loading import load_model
     from moetune.trainer import MoETrainer
@@ -132,7 +133,7 @@ def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None)
     data = data if data is not None else load_datasets(recipe.data, tokenizer)
     # MoETrainer installs the router controls (jitter, fp32 router, expert dropout) on the modules that train,
     # adds the aux/z losses and, with moe.telemetry, the RoutingTelemetry callback (routing.json/png).
-    with _datasets_bars_off():  # TRL's "Building labels / Truncating / Dropping" passes over data that is ready
+    with progress_bars(False):  # TRL's "Building labels / Truncating / Dropping" passes over data that is ready
         trainer = MoETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                              processing_class=tokenizer, moe=recipe.moe)
     # One compact line per logging step instead of the raw log dict (moetune/console.py, docs/metrics.md).
@@ -369,16 +370,3 @@ def _rows_needed(args, state) -> int | None:
     if args.max_steps is None or args.max_steps <= 0:
         return None
     return args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * state.num_processes
-
-
-@contextmanager
-def _datasets_bars_off():
-    import datasets
-
-    enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if enabled:
-            datasets.enable_progress_bars()
