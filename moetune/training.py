@@ -366,7 +366,8 @@ def _summary(out: Path, metrics: dict) -> str:
 
 
 def _rows_needed(args, state) -> int | None:
-    """Train rows a run with `max_steps` consumes (one global batch per step), for `load_datasets(max_rows=)`."""
-    if args.max_steps is None or args.max_steps <= 0:
+    """Train rows a run with `max_steps` consumes (one global batch per step), for `load_datasets(max_rows=)`.
+    None (all rows) without max_steps, and with packing, where a sequence holds an unknown number of rows."""
+    if args.max_steps is None or args.max_steps <= 0 or args.packing:
         return None
     return args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * state.num_processes
