@@ -37,6 +37,7 @@ from moetune.config import DataSection
 from moetune.data_cache import (
     CACHE_VERSION,
     cache_key,
+    library_versions,
     main_process_first,
     progress_bars,
     read_cache,
@@ -141,7 +142,7 @@ def _load_split(split: str, source: str, data: DataSection, tokenizer, report: D
         if identity is None:  # a Hub dataset: its identity is its fingerprint, known once loaded
             rows = _read_hub(source, key)
             identity = {"hub": source, "fingerprint": rows._fingerprint}
-        base = {"v": CACHE_VERSION, "source": identity, "tokenizer": tokenizer_fingerprint(tokenizer),
+        base = {"v": CACHE_VERSION, "libs": library_versions(), "source": identity, "tokenizer": tokenizer_fingerprint(tokenizer),
                 "format": data.format, "max_length": data.max_length, "assistant_only_loss": data.assistant_only_loss}
         keys = [cache_key(base, None)] + ([cache_key(base, limit)] if limit is not None else [])
         if cache:

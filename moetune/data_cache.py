@@ -3,7 +3,8 @@
 An entry is `<HF datasets cache>/moetune/<key>/` with the kept rows (`data/`, `Dataset.save_to_disk`, read back
 memory-mapped) and the split's report (`report.json`). The key hashes the source's identity (a local file's
 path, size and mtime; a Hub dataset's fingerprint), the tokenizer (name + vocab, special tokens and chat template),
-the data settings that change the tokens, the row limit and `CACHE_VERSION`. Entries are never evicted: delete
+the data settings that change the tokens, the row limit, the tokenizers/transformers/trl versions and
+`CACHE_VERSION`. Entries are never evicted: delete
 the folder to reclaim the space.
 """
 
@@ -37,6 +38,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
         digest.update(str(part).encode())
         digest.update(b"\0")
     return f"{getattr(tokenizer, 'name_or_path', '')}:{digest.hexdigest()[:24]}"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions whose change may change the tokens: the tokenizer libraries and TRL's training chat templates."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("tokenizers", "transformers", "trl"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = ""
+    return found
 
 
 def cache_key(base: dict, limit: int | None) -> str:
