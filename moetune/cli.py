@@ -12,6 +12,7 @@ API cannot drift apart. User mistakes (`MoetuneError`) print one line and exit n
 import argparse
 import json
 import logging
+import os
 import sys
 
 from moetune.errors import MoetuneError
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
 
     set_quiet(args.quiet and not args.verbose)
     quiet_third_party(verbose=args.verbose)
+    if int(os.environ.get("RANK", "0")) > 0 and not args.verbose:  # under DDP only rank 0 speaks; errors still do
+        logging.getLogger().setLevel(logging.ERROR)
+        logging.getLogger("moetune").setLevel(logging.ERROR)
     try:
         args.run(args)
     except MoetuneError as err:
