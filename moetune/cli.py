@@ -4,7 +4,8 @@ API cannot drift apart. User mistakes (`MoetuneError`) print one line and exit n
     moetune inspect MODEL [--json] [--quantize 4bit]
     moetune tiny ARCH OUT_DIR [--hidden-size N] [--layers N] [--experts N] [--seed N]
     moetune validate RECIPE [--set key.path=value ...]
-    moetune train RECIPE [--set key.path=value ...] [--resume | --overwrite]
+    moetune train RECIPE [--set key.path=value ...] [--resume | --overwrite] [-q | -v]
+    moetune data RECIPE [--show N] [--set key.path=value ...]
     moetune routing MODEL DATA [--max-examples N] [--max-length N] [--out DIR] [--json]
     moetune recipes [cp NAME DEST [--force]]
     moetune schema
@@ -20,6 +21,7 @@ API cannot drift apart. User mistakes (`MoetuneError`) print one line and exit n
 import argparse
 import json
 import logging
+import os
 import sys
 
 from moetune.errors import MoetuneError
@@ -70,9 +72,33 @@ def _validate(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from moetune.training import finetune
 
-    output_dir, metrics = finetune(args.recipe, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
-    print(f"done: {output_dir}")
-    print(json.dumps(metrics, indent=2))
+    _, metrics = finetune(args.recipe, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
+    if args.verbose:  # finetune printed the one-line summary; the whole metrics.json only on request
+        print(json.dumps(metrics, indent=2))
+
+
+def _data(args: argparse.Namespace) -> None:
+    from moetune.data_show import describe_data
+
+    print(describe_data(args.recipe, overrides=args.overrides, show=args.show, color=sys.stdout.isatty()))
+
+
+def _add_data_parser(commands) -> None:
+    p = commands.add_parser("data", help="the data report and tokenized samples with the loss mask (no model weights)")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--show", type=int, default=3, metavar="N", help="print N tokenized train samples (default 3)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set data.max_length=512 (repeatable)")
+    _add_verbosity(p)
+    p.set_defaults(run=_data)
+
+
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    """-v / -q after the subcommand too (`moetune train RECIPE -q`); SUPPRESS keeps a value given before it."""
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="debug logging, raw third-party output, tracebacks for every error")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="warnings, errors and the final summary only")
 
 
 def _routing(args: argparse.Namespace) -> None:
@@ -208,7 +234,8 @@ def _add_prune_parser(commands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moetune", description="Fine-tune sparse Mixture-of-Experts language models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks for every error")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, raw third-party output, and tracebacks for every error")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings, errors and the final summary only")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("inspect", help="parameters, bytes and active parameters per group of a MoE model")
@@ -242,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
             mode = p.add_mutually_exclusive_group()
             mode.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output.dir")
             mode.add_argument("--overwrite", action="store_true", help="replace a non-empty output.dir")
+            _add_verbosity(p)
         p.set_defaults(run=run)
+
+    _add_data_parser(commands)
 
     p = commands.add_parser("routing", help="measure expert load, entropy and dead experts of a model on some data")
     p.add_argument("model", help="local model directory or Hub id")
@@ -293,6 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("moetune").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from moetune.console import quiet_third_party, set_quiet
+
+    set_quiet(args.quiet and not args.verbose)
+    quiet_third_party(verbose=args.verbose)
+    if int(os.environ.get("RANK", "0")) > 0 and not args.verbose:  # under DDP only rank 0 speaks; errors still do
+        logging.getLogger().setLevel(logging.ERROR)
+        logging.getLogger("moetune").setLevel(logging.ERROR)
     try:
         args.run(args)
     except MoetuneError as err:

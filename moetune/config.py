@@ -124,8 +124,9 @@ class DataSection(Strict):
     """Training data: a local .jsonl/.json/.csv/.parquet file, or a Hub dataset id (optionally `id:split`)."""
     eval: str | None = None
     """Evaluation data, same forms as `train`."""
-    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text"] = "auto"
-    """Row format. auto detects it from the columns."""
+    format: Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text"] = "auto"
+    """Row format. auto detects it from the columns: messages, conversations (sharegpt: `from`/`value` turns,
+    human/gpt/system/tool), prompt + completion, instruction + output (alpaca), text."""
     max_length: int = Field(1024, gt=0)
     """Longest tokenized example; longer rows are counted and reported, then dropped."""
     packing: bool = False

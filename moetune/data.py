@@ -5,39 +5,55 @@ SFTTrainer takes as is (trl/trainer/sft_trainer.py `_prepare_dataset`): `input_i
 (chat data, assistant-only loss; TRL always applies it) or `completion_mask` (prompt/completion and alpaca
 data; TRL applies it when `completion_only_loss=True`, which training.py sets). Tokenizing here rather than
 in TRL is what lets every malformed or too-long row be counted and reported with its file and row number
-instead of failing deep inside `Dataset.map` or being truncated silently.
+instead of failing deep inside `Dataset.map` or being truncated silently. The formats are in `moetune.data_rows`.
 
-Formats (`data.format`, or `auto` from the columns):
-  messages           {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
-  prompt_completion  {"prompt": str, "completion": str}  (or both lists of messages: conversational)
-  alpaca             {"instruction": str, "input": str (optional), "output": str}
-  text               {"text": str}
-Alpaca rows become a one-turn conversation when the tokenizer has a chat template (so the model learns the
-format it will be prompted with), else the classic Alpaca prompt text.
+How (and why this way):
+  * The rows become a `datasets.Dataset` and are tokenized with `Dataset.map(num_proc=...)`; the map returns
+    `input_ids`, the mask and a `_problem` string per row ("" = kept), and the report (malformed with file:line,
+    too long, warnings) is built from those columns. Under several processes (DDP) the main process tokenizes
+    first and the other ranks read its cache.
+  * The result is cached on disk (`<HF datasets cache>/moetune/<key>`, `moetune.data_cache`), keyed by the file (path, size, mtime)
+    or the Hub dataset's fingerprint, the tokenizer (name + a hash of its vocab, special tokens and chat
+    template), the format, max_length, assistant_only_loss and the row limit. A rerun, a `--resume` and every
+    other rank load it memory-mapped instead of tokenizing again.
+  * `max_rows` (the runner passes what `train.max_steps` consumes) tokenizes only the first rows, with a margin,
+    and more if too many of them are dropped.
+  * Local .jsonl/.json/.csv files are read by our own reader into one column of JSON text per row, parsed inside
+    the map, not by `load_dataset("json"/"csv")`: one line that is not JSON fails that loader's whole file, and its
+    error names neither the line nor the row ("JSON parse error ... in row 1" of a block), while the report must
+    count the bad line and keep the rest (docs/upstream.md#datasets-json-loader). A .json/.csv file is parsed
+    whole by Python anyway (one document, DictReader) to give the same per-row report. Parquet files and Hub
+    datasets already have a schema and are used as they are.
 """
 
-import csv
-import io
 import json
 import logging
-import re
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moetune.config import DataSection
+from moetune.data_cache import (
+    CACHE_VERSION,
+    cache_key,
+    library_versions,
+    main_process_first,
+    progress_bars,
+    read_cache,
+    tokenizer_fingerprint,
+    write_cache,
+)
+from moetune.data_rows import Malformed, RowTokenizer, detect_format, suspicious
 from moetune.errors import MoetuneError
 from moetune.rules import DATA_SUFFIXES, is_local_data_source
 from moetune.textfiles import NotUtf8Text, decode_utf8
 
 
 logger = logging.getLogger(__name__)
-ROLES = ("system", "user", "assistant", "tool")
 MAX_EXAMPLES = 5  # how many malformed / too-long rows the report quotes per split
-# The columns that identify each format (what `auto` detection looks for).
-FORMAT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"),
-                  "alpaca": ("instruction", "output"), "text": ("text",)}
-ALPACA_PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+PARALLEL_FROM = 20_000  # rows; below this, worker processes cost more than they save
+_JSON = "_json"  # the column holding one row as JSON text (our own readers)
 
 
 @dataclass
@@ -53,6 +69,10 @@ class SplitReport:
     too_long: int = 0
     too_long_examples: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    trained_tokens: int = 0  # tokens the loss is computed on (all of them without a mask)
+    lengths: dict[str, int] = field(default_factory=dict)  # p50 / p90 / p99 / max tokens of the kept rows
+    rows_available: int | None = None  # rows in the source when only the first `rows_read` were needed
+    cached: bool = False  # loaded from the tokenized cache
 
     def add_malformed(self, where: str, reason: str) -> None:
         self.malformed += 1
@@ -63,6 +83,8 @@ class SplitReport:
         lines = [
             f"{self.split}: {self.source} ({self.format}): {self.rows_read} rows read, {self.kept} kept "
             f"({self.tokens} tokens), {self.malformed} malformed, {self.too_long} longer than max_length"
+            + (f"; a fixed sample of {self.rows_read} of {self.rows_available} rows (enough for train.max_steps)"
+               if self.rows_available is not None else "")
         ]
         lines += [f"  malformed  {e}" for e in self.malformed_examples]
         lines += [f"  too long   {e}" for e in self.too_long_examples]
@@ -87,90 +109,104 @@ class LoadedData:
     report: DataReport
 
 
-def load_datasets(data: DataSection, tokenizer) -> LoadedData:
+def load_datasets(data: DataSection, tokenizer, *, max_rows: int | None = None, num_proc: int | None = None,
+                  cache: bool = True) -> LoadedData:
     """Read, tokenize and filter the train (and eval) data of a recipe.
+
+    Args:
+        data: the recipe's `data` section.
+        tokenizer: the model's tokenizer.
+        max_rows: train rows the run will consume (`max_steps` x global batch); only about that many are
+            tokenized. None: all. Eval data is always read whole.
+        num_proc: tokenizer processes (default: the CPU count, up to 8, for chat data of 20k rows or more).
+        cache: read and write the tokenized cache (see the module docstring).
 
     Raises:
         MoetuneError: a file or Hub dataset cannot be read, the format cannot be detected, the chat template
             cannot mask assistant turns, or a split has no usable rows left.
     """
     report = DataReport()
-    train = _load_split("train", data.train, data, tokenizer, report)
-    evaluation = _load_split("eval", data.eval, data, tokenizer, report) if data.eval else None
-    return LoadedData(train=train, eval=evaluation, report=report)
+    splits = [("train", data.train, max_rows)] + ([("eval", data.eval, None)] if data.eval else [])
+    loaded = {}
+    for split, source, limit in splits:
+        loaded[split] = _load_split(split, source, data, tokenizer, report, limit=limit, num_proc=num_proc, cache=cache)
+    return LoadedData(train=loaded["train"], eval=loaded.get("eval"), report=report)
 
 
-def _load_split(split: str, source: str, data: DataSection, tokenizer, report: DataReport):
-    import datasets
-
-    rep = report.splits[split] = SplitReport(split=split, source=source)
-    rows = _read_rows(source, f"data.{split}", rep)
-    rep.rows_read = len(rows) + rep.malformed
-    rep.format = data.format if data.format != "auto" else _detect_format(rows, f"data.{split}", source)
-    for warning in _suspicious_rows(rows, rep.format, f"data.{split}"):
-        logger.warning(warning)
-        rep.warnings.append(warning)
-    tokenize = _Tokenizer(tokenizer, rep.format, data.assistant_only_loss)
-    columns: dict[str, list] = {"input_ids": []}
-    if tokenize.mask_column:
-        columns[tokenize.mask_column] = []
-    for where, row in rows:
-        try:
-            ids, mask = tokenize(row)
-        except _Malformed as err:
-            rep.add_malformed(where, str(err))
-            continue
-        if len(ids) > data.max_length:
-            rep.too_long += 1
-            if len(rep.too_long_examples) < MAX_EXAMPLES:
-                rep.too_long_examples.append(f"{where}: {len(ids)} tokens > max_length {data.max_length}")
-            continue
-        columns["input_ids"].append(ids)
-        if tokenize.mask_column:
-            columns[tokenize.mask_column].append(mask)
-        rep.tokens += len(ids)
-    rep.kept = len(columns["input_ids"])
-    if rep.kept == 0:
-        raise MoetuneError(f"`data.{split}` has no usable rows left after filtering:\n{rep.format_text()}")
-    return datasets.Dataset.from_dict(columns)
+def _load_split(split: str, source: str, data: DataSection, tokenizer, report: DataReport, *, limit: int | None,
+                num_proc: int | None, cache: bool):
+    key = f"data.{split}"
+    identity = _local_identity(source, key)  # checks the file before anything else
+    with main_process_first():
+        rows = None
+        if identity is None:  # a Hub dataset: its identity is its fingerprint, known once loaded
+            rows = _read_hub(source, key)
+            identity = {"hub": source, "fingerprint": rows._fingerprint}
+        base = {"v": CACHE_VERSION, "libs": library_versions(), "source": identity, "tokenizer": tokenizer_fingerprint(tokenizer),
+                "format": data.format, "max_length": data.max_length, "assistant_only_loss": data.assistant_only_loss}
+        # Only the exact key: a limited run trains on its own sample of rows (see `_tokenize`), so a full
+        # tokenization must not stand in for it, or the data a recipe trains on would depend on the cache's state.
+        keys = [cache_key(base, limit)]
+        if cache:
+            for key_hash in keys:
+                hit = read_cache(key_hash)
+                if hit is not None:
+                    dataset, stored = hit
+                    rep = report.splits[split] = SplitReport(**{**stored, "split": split, "source": source, "cached": True})
+                    for warning in rep.warnings:
+                        logger.warning(warning)
+                    return dataset
+        rep = report.splits[split] = SplitReport(split=split, source=source)
+        if rows is None:
+            rows = _read_rows(source, key, rep)
+        dataset = _tokenize(rows, data, tokenizer, rep, key, source, limit=limit, num_proc=num_proc)
+        if cache:
+            write_cache(keys[-1], dataset, {**vars(rep), "cached": False})
+        return dataset
 
 
 # ---------------------------------------------------------------------------------------------------- reading
 
 
-def _read_rows(source: str, key: str, rep: SplitReport) -> list[tuple[str, Any]]:
-    """(where, row) pairs; `where` is `file:row` (1-based line or row number) for the report."""
-    path = Path(source).expanduser()
+def _local_identity(source: str, key: str) -> dict | None:
+    """What identifies a local file's content for the cache (None for a Hub id); raises if it cannot be read."""
     if not is_local_data_source(source):
-        return _read_hub(source, key)
+        return None
+    path = Path(source).expanduser()
     if not path.is_file():
         raise MoetuneError(f"`{key}`: data file {source!r} not found")
-    suffix, name = path.suffix.lower(), path.name
-    if suffix not in DATA_SUFFIXES:
+    if path.suffix.lower() not in DATA_SUFFIXES:
         raise MoetuneError(f"`{key}`: {source!r} has an unsupported file type; allowed: {', '.join(DATA_SUFFIXES)}")
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _read_rows(source: str, key: str, rep: SplitReport):
+    """The rows of a source as a `datasets.Dataset` with a `_where` column (`file:line`, `file:row N`) for the
+    report; rows of our own readers are JSON text in `_json` (see the module docstring)."""
+    import datasets
+
+    if not is_local_data_source(source):
+        return _read_hub(source, key)
+    _local_identity(source, key)
+    path = Path(source).expanduser()
+    suffix, name = path.suffix.lower(), path.name
     if suffix == ".parquet":
-        return _read_parquet(path, key)
+        table = _read_parquet(path, key)
+        return datasets.Dataset(table).add_column("_where", [f"{name}:row {i}" for i in range(1, table.num_rows + 1)])
     text = _read_text(path, key)
     if suffix == ".jsonl":
-        return _jsonl_rows(text, name, rep)
-    if suffix == ".json":
-        return _json_rows(text, name, key, source)
-    return _csv_rows(text, name, key, source)
+        lines = text.split("\n")
+        numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+        return datasets.Dataset.from_dict({_JSON: [line for _, line in numbered],
+                                           "_where": [f"{name}:{i}" for i, _ in numbered]})
+    rows = _json_rows(text, key, source) if suffix == ".json" else _csv_rows(text, key, source)
+    return datasets.Dataset.from_dict({_JSON: [json.dumps(r) for r in rows],
+                                       "_where": [f"{name}:{'row ' if suffix == '.json' else ''}{i}"
+                                                  for i in range(1 if suffix == ".json" else 2, len(rows) + (1 if suffix == ".json" else 2))]})
 
 
-def _jsonl_rows(text: str, name: str, rep: SplitReport) -> list[tuple[str, Any]]:
-    rows = []
-    for line_no, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{name}:{line_no}", json.loads(line)))
-        except json.JSONDecodeError as err:
-            rep.add_malformed(f"{name}:{line_no}", f"not valid JSON ({err.msg})")
-    return rows
-
-
-def _json_rows(text: str, name: str, key: str, source: str) -> list[tuple[str, Any]]:
+def _json_rows(text: str, key: str, source: str) -> list:
     try:
         content = json.loads(text)
     except json.JSONDecodeError as err:
@@ -180,14 +216,17 @@ def _json_rows(text: str, name: str, key: str, source: str) -> list[tuple[str, A
         content = lists[0] if len(lists) == 1 else content
     if not isinstance(content, list):
         raise MoetuneError(f"`{key}`: {source!r} must hold a list of rows (or a mapping with one list)")
-    return [(f"{name}:row {i}", row) for i, row in enumerate(content, 1)]
+    return content
 
 
-def _csv_rows(text: str, name: str, key: str, source: str) -> list[tuple[str, Any]]:
+def _csv_rows(text: str, key: str, source: str) -> list[dict]:
+    import csv
+    import io
+
     # Line 1 is the header; rows are numbered as lines (multi-line fields make this approximate).
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
-        return [(f"{name}:{i}", row) for i, row in enumerate(reader, 2)]
+        return list(reader)
     except csv.Error as err:
         raise MoetuneError(f"`{key}`: {source!r} is not valid CSV at line {reader.line_num}: {err}") from None
 
@@ -199,19 +238,18 @@ def _read_text(path: Path, key: str) -> str:
         raise MoetuneError(f"`{key}`: {path}: {err}") from None
 
 
-def _read_parquet(path: Path, key: str) -> list[tuple[str, Any]]:
+def _read_parquet(path: Path, key: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        return pq.read_table(path, memory_map=True)
     except (pa.ArrowException, OSError) as err:  # ArrowInvalid for a cut-off footer, OSError for corrupt metadata
         reason = str(err).split(": ", 1)[-1].splitlines()[0]
         raise MoetuneError(f"`{key}`: {path} is not a readable parquet file (truncated or not parquet: {reason})") from None
-    return [(f"{path.name}:row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
 
 
-def _read_hub(source: str, key: str) -> list[tuple[str, Any]]:
+def _read_hub(source: str, key: str):
     import datasets
 
     repo, _, split = source.partition(":")
@@ -224,170 +262,182 @@ def _read_hub(source: str, key: str) -> list[tuple[str, Any]]:
             f"`{key}`: could not load Hub dataset {repo!r} (split {split!r}): {reason}. Without network access, "
             "point it at a local .jsonl/.json/.csv/.parquet file instead."
         ) from None
-    return [(f"{repo}:{split}:row {i}", row) for i, row in enumerate(ds, 1)]
+    return ds.add_column("_where", [f"{repo}:{split}:row {i}" for i in range(1, len(ds) + 1)])
 
 
-def _detect_format(rows: list[tuple[str, Any]], key: str, source: str) -> str:
-    seen: dict[str, int] = {}
-    for _, row in rows[:50]:
-        if isinstance(row, dict):
-            for col, value in row.items():
-                if value not in (None, ""):
-                    seen[col] = seen.get(col, 0) + 1
-    if "messages" in seen:
-        return "messages"
-    if "prompt" in seen and "completion" in seen:
-        return "prompt_completion"
-    if "instruction" in seen and "output" in seen:
-        return "alpaca"
-    if "text" in seen:
-        return "text"
-    raise MoetuneError(
-        f"`{key}`: cannot tell the format of {source!r} from its columns {sorted(seen) or '(none)'}; expected "
-        "messages, prompt+completion, instruction+output (alpaca) or text. Set `data.format` or rename the columns."
-    )
-
-
-def _suspicious_rows(rows: list[tuple[str, Any]], fmt: str, key: str) -> list[str]:
-    """Legal rows that are probably mistakes, one warning per kind: count and first file:line."""
-    empty_turns, first_empty = 0, None
-    foreign: dict[str, list] = {}  # other format -> [count, first where]
-    for where, row in rows:
-        if not isinstance(row, dict):
-            continue  # reported as malformed when tokenized
-        for col in ("messages", "prompt", "completion"):
-            turns = row.get(col)
-            for m in turns if isinstance(turns, list) else []:
-                if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str) \
-                        and not m["content"].strip():
-                    empty_turns += 1
-                    first_empty = first_empty or where
-        for other, columns in FORMAT_COLUMNS.items():
-            if other != fmt and all(row.get(c) not in (None, "") for c in columns):
-                foreign.setdefault(other, [0, where])[0] += 1
-    warnings = []
-    if empty_turns:
-        warnings.append(f"`{key}`: {empty_turns} assistant turn{'s' if empty_turns > 1 else ''} with empty content "
-                        f"(first: {first_empty}); the model learns to answer them with nothing")
-    for other, (count, first) in foreign.items():
-        warnings.append(f"`{key}`: {count} row{'s' if count > 1 else ''} of {fmt} data "
-                        f"{'have' if count > 1 else 'has'} {other} columns ({', '.join(FORMAT_COLUMNS[other])}) "
-                        f"(first: {first}); only the {fmt} columns are read")
-    return warnings
+def _row_of(batch: dict, i: int) -> Any:
+    if _JSON in batch:
+        return json.loads(batch[_JSON][i])
+    return {col: values[i] for col, values in batch.items() if col != "_where"}
 
 
 # ----------------------------------------------------------------------------------------------- tokenizing
 
 
-class _Malformed(Exception):
-    """A row that does not fit its format; counted and reported, never fatal."""
+class _MapRows:
+    """The `Dataset.map` function (batched): token ids, mask, `_problem` ("" = kept) and the warning counts."""
+
+    def __init__(self, tokenizer: RowTokenizer, max_length: int):
+        self.tokenize, self.max_length = tokenizer, max_length
+
+    def __call__(self, batch: dict) -> dict:
+        mask_col = self.tokenize.mask_column
+        out: dict[str, list] = {"input_ids": [], "_problem": [], "_where": batch["_where"], "_empty": [],
+                                "_foreign": [], "_trained": []}
+        if mask_col:
+            out[mask_col] = []
+        rows: list[Any] = []
+        for i in range(len(batch["_where"])):
+            try:
+                rows.append(_row_of(batch, i))
+            except json.JSONDecodeError as err:
+                rows.append(Malformed(f"not valid JSON ({err.msg})"))
+        if self.tokenize.fmt == "text":
+            parsed = [r for r in rows if not isinstance(r, Malformed)]
+            encoded = iter(self.tokenize.encode_texts(parsed))
+            results = [r if isinstance(r, Malformed) else next(encoded) for r in rows]
+        else:
+            results = [r if isinstance(r, Malformed) else self._one(r) for r in rows]
+        for row, result in zip(rows, results):
+            ids, mask, problem, empty, foreign = [], None, "", 0, ""
+            if isinstance(result, Malformed):
+                problem = f"m {result}"
+            else:
+                ids, mask = result
+                if len(ids) > self.max_length:
+                    problem = f"l {len(ids)} tokens > max_length {self.max_length}"
+            if not isinstance(row, Malformed):
+                empty, foreign = suspicious(row, self.tokenize.fmt)
+            if problem:
+                ids, mask = [], []
+            out["input_ids"].append(ids)
+            out["_problem"].append(problem)
+            out["_empty"].append(empty)
+            out["_foreign"].append(foreign)
+            out["_trained"].append(len(ids) if mask is None else sum(mask))
+            if mask_col:
+                out[mask_col].append(mask if mask is not None else [])
+        return out
+
+    def _one(self, row: Any):
+        try:
+            return self.tokenize(row)
+        except Malformed as err:
+            return err
 
 
-class _Tokenizer:
-    """Turns one row of a given format into (input_ids, loss mask or None)."""
-
-    def __init__(self, tokenizer, fmt: str, answer_only: bool):
-        self.tok, self.fmt, self.answer_only = tokenizer, fmt, answer_only
-        self.chat = bool(getattr(tokenizer, "chat_template", None))
-        self.template = None
-        if fmt == "messages" and answer_only:
-            self.template = _training_template(tokenizer)
-        self.mask_column = None
-        if answer_only:
-            self.mask_column = {"messages": "assistant_masks", "prompt_completion": "completion_mask",
-                                "alpaca": "completion_mask"}.get(fmt)
-
-    def __call__(self, row: Any) -> tuple[list[int], list[int] | None]:
-        if not isinstance(row, dict):
-            raise _Malformed(f"expected an object with {self.fmt} fields, got {type(row).__name__}")
-        if self.fmt == "messages":
-            return self._messages(_messages(row.get("messages"), "messages"))
-        if self.fmt == "text":
-            text = _text(row, "text")
-            ids = self.tok(text)["input_ids"]
-            return self._eos(ids), None
-        if self.fmt == "alpaca":
-            instruction, output = _text(row, "instruction"), _text(row, "output")
-            extra = row.get("input") or ""
-            if not isinstance(extra, str):
-                raise _Malformed(f"`input` must be text, got {type(extra).__name__}")
-            question = f"{instruction}\n\n{extra}" if extra else instruction
-            if self.chat:
-                return self._chat_pair([{"role": "user", "content": question}], [{"role": "assistant", "content": output}])
-            label = "### Instruction:\n" + instruction + ("\n\n### Input:\n" + extra if extra else "")
-            return self._text_pair(f"{ALPACA_PROMPT}{label}\n\n### Response:\n", output)
-        prompt, completion = row.get("prompt"), row.get("completion")
-        if isinstance(prompt, list) and isinstance(completion, list):
-            return self._chat_pair(_messages(prompt, "prompt"), _messages(completion, "completion"))
-        return self._text_pair(_text(row, "prompt"), _text(row, "completion"))
-
-    def _eos(self, ids: list[int]) -> list[int]:
-        eos = self.tok.eos_token_id
-        return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
-
-    def _messages(self, messages: list[dict]) -> tuple[list[int], list[int] | None]:
-        if self.answer_only and not any(m["role"] == "assistant" for m in messages):
-            raise _Malformed("no assistant message to train on")
-        out = self.tok.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=self.answer_only,
-            chat_template=self.template,
-        )
-        ids = list(out["input_ids"])
-        mask = list(out["assistant_masks"]) if self.answer_only else None
-        if mask is not None and 1 not in mask:
-            raise _Malformed("the chat template left no assistant tokens to train on")
-        return ids, mask
-
-    def _chat_pair(self, prompt: list[dict], completion: list[dict]) -> tuple[list[int], list[int] | None]:
-        # As TRL does for conversational prompt/completion: the prompt with the generation prompt is a prefix of
-        # the whole conversation, and everything after it is the completion.
-        prompt_ids = list(self.tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
-        ids = list(self.tok.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
-        return self._split(ids, len(prompt_ids))
-
-    def _text_pair(self, prompt: str, completion: str) -> tuple[list[int], list[int] | None]:
-        prompt_ids = self.tok(prompt)["input_ids"]
-        ids = self._eos(self.tok(prompt + completion)["input_ids"])
-        return self._split(ids, len(prompt_ids))
-
-    def _split(self, ids: list[int], prompt_len: int) -> tuple[list[int], list[int] | None]:
-        if len(ids) <= prompt_len:
-            raise _Malformed("the completion adds no tokens")
-        return ids, ([0] * prompt_len + [1] * (len(ids) - prompt_len)) if self.answer_only else None
+LIMIT_SAMPLE_SEED = 0  # which rows a `max_rows` run tokenizes: fixed, so reruns and --resume see the same rows
 
 
-def _text(row: dict, col: str) -> str:
-    value = row.get(col)
-    if not isinstance(value, str) or not value.strip():
-        raise _Malformed(f"`{col}` must be non-empty text, got {value!r}"[:200])
-    return value
+def _tokenize(rows, data: DataSection, tokenizer, rep: SplitReport, key: str, source: str, *, limit: int | None,
+              num_proc: int | None):
+    import datasets
+
+    rep.format = data.format if data.format != "auto" else detect_format(_first_rows(rows), key, source)
+    tokenize = RowTokenizer(tokenizer, rep.format, data.assistant_only_loss)
+    features = {"input_ids": datasets.Sequence(datasets.Value("int32")), "_problem": datasets.Value("string"),
+                "_where": datasets.Value("string"), "_empty": datasets.Value("int32"),
+                "_foreign": datasets.Value("string"), "_trained": datasets.Value("int64")}
+    if tokenize.mask_column:
+        features[tokenize.mask_column] = datasets.Sequence(datasets.Value("int8"))
+    total, start, parts, kept = len(rows), 0, [], 0
+    # With a limit: the rows it needs plus 5% for dropped ones; if more were dropped, as many again as are missing.
+    step = total if limit is None else min(total, limit + limit // 20 + 64)
+    if step < total:
+        # A seeded sample from the whole file, not its first rows: without the limit the trainer would draw its
+        # `max_steps` batches from every row, and a file sorted by task must not train on its first tasks only.
+        rows = rows.shuffle(seed=LIMIT_SAMPLE_SEED)
+    while start < total:
+        chunk = rows.select(range(start, min(total, start + step))) if step < total or start else rows
+        # `text` rows are batch-encoded by the tokenizer's own threads; the chat formats render a template per row
+        # in Python, which only more processes speed up.
+        parallel = len(chunk) >= PARALLEL_FROM and rep.format != "text"
+        procs = num_proc if num_proc is not None else (min(os.cpu_count() or 1, 8) if parallel else 1)
+        if procs > 1:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers; else a warning per worker
+        with progress_bars(len(chunk) >= PARALLEL_FROM):  # a bar only where tokenizing takes a while
+            part = chunk.map(_MapRows(tokenize, data.max_length), batched=True, batch_size=256, remove_columns=chunk.column_names,
+                             features=datasets.Features(features), num_proc=procs if procs > 1 else None,
+                             desc=f"Tokenizing {rep.split} data")
+        parts.append(part)
+        kept += _column(part, "_problem").count("")
+        start += len(chunk)
+        if limit is None or kept >= limit:
+            break
+        step = max(2 * (limit - kept), 64)
+    if start < total:
+        rep.rows_available = total
+    tokenized = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    rep.rows_read = len(tokenized)
+    return _finish(tokenized, rep, key)
 
 
-def _messages(value: Any, col: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise _Malformed(f"`{col}` must be a non-empty list of messages, got {type(value).__name__}")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise _Malformed(f"`{col}[{i}]` must be {{role: {'/'.join(ROLES)}, content: text}}, got {m!r}"[:200])
-    return value
+def _first_rows(rows) -> list:
+    head = rows.select(range(min(len(rows), 50)))[:]
+    parsed = []
+    for i in range(len(head["_where"])):
+        try:
+            parsed.append(_row_of(head, i))
+        except json.JSONDecodeError:
+            continue
+    return parsed
 
 
-def _training_template(tokenizer) -> str | None:
-    """The chat template to use for assistant-only masks: the tokenizer's own when it marks assistant turns with
-    `{% generation %}`, else TRL's training version of a known template."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise MoetuneError("the tokenizer has no chat template, so `messages` data cannot be formatted; "
-                           "use a chat model's tokenizer or prompt/completion data")
-    if re.search(r"{%-?\s*generation\s*-?%}", template):
-        return None
-    from trl.chat_template_utils import get_training_chat_template
+def _finish(tokenized, rep: SplitReport, key: str):
+    """Build the report from the per-row columns, keep the good rows, drop the helper columns."""
+    problems, wheres = _column(tokenized, "_problem"), _column(tokenized, "_where")
+    keep = []
+    for i, problem in enumerate(problems):
+        if not problem:
+            keep.append(i)
+        elif problem[0] == "m":
+            rep.add_malformed(wheres[i], problem[2:])
+        else:
+            rep.too_long += 1
+            if len(rep.too_long_examples) < MAX_EXAMPLES:
+                rep.too_long_examples.append(f"{wheres[i]}: {problem[2:]}")
+    rep.warnings = _warnings(_column(tokenized, "_empty"), _column(tokenized, "_foreign"), wheres, rep.format, key)
+    for warning in rep.warnings:
+        logger.warning(warning)
+    rep.kept = len(keep)
+    if rep.kept == 0:
+        raise MoetuneError(f"`{key}` has no usable rows left after filtering:\n{rep.format_text()}")
+    kept = tokenized.select(keep) if len(keep) < len(tokenized) else tokenized
+    lengths = sorted(_lengths(kept))
+    rep.tokens = sum(lengths)
+    rep.trained_tokens = int(sum(_column(kept, "_trained")))
+    rep.lengths = {name: lengths[min(len(lengths) - 1, int(q * len(lengths)))] for name, q in
+                   (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))} | {"max": lengths[-1]}
+    return kept.remove_columns(["_problem", "_where", "_empty", "_foreign", "_trained"])
 
-    try:
-        return get_training_chat_template(tokenizer)
-    except (ValueError, TypeError) as err:
-        raise MoetuneError(
-            "`data.assistant_only_loss` needs a chat template that marks assistant turns with {% generation %}, "
-            f"and this tokenizer's template has none that TRL knows how to patch ({err}). Set "
-            "`data.assistant_only_loss: false` to train on every token."
-        ) from None
+
+def _column(dataset, name: str) -> list:
+    """One column as a Python list (`dataset[name]` decodes it row by row: 100x slower)."""
+    return dataset.with_format("arrow")[name].to_pylist()
+
+
+def _lengths(dataset) -> list[int]:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
+
+
+def _warnings(empty: list[int], foreign: list[str], wheres: list[str], fmt: str, key: str) -> list[str]:
+    """Legal rows that are probably mistakes, one warning per kind: count and first file:line."""
+    from moetune.data_rows import FORMAT_COLUMNS
+
+    empty_turns = sum(empty)
+    first_empty = next((w for w, n in zip(wheres, empty) if n), None)
+    others: dict[str, list] = {}  # other format -> [count, first where]
+    for where, names in zip(wheres, foreign):
+        for other in names.split(",") if names else ():
+            others.setdefault(other, [0, where])[0] += 1
+    warnings = []
+    if empty_turns:
+        warnings.append(f"`{key}`: {empty_turns} assistant turn{'s' if empty_turns > 1 else ''} with empty content "
+                        f"(first: {first_empty}); the model learns to answer them with nothing")
+    for other, (count, first) in others.items():
+        warnings.append(f"`{key}`: {count} row{'s' if count > 1 else ''} of {fmt} data "
+                        f"{'have' if count > 1 else 'has'} {other} columns ({', '.join(FORMAT_COLUMNS[other])}) "
+                        f"(first: {first}); only the {fmt} columns are read")
+    return warnings

@@ -71,7 +71,7 @@ def finetune(
     from moetune.data import load_datasets
     from moetune.loading import load_tokenizer
 
-    data = load_datasets(recipe.data, load_tokenizer(recipe.model))
+    data = load_datasets(recipe.data, load_tokenizer(recipe.model), max_rows=_rows_needed(args, state))
     _say(state, data.report.format_text())
 
     with _claimed(run, state, resume=resume, overwrite=overwrite) as skipped:
@@ -90,7 +90,7 @@ def finetune(
         if trainer.expert_selection is not None:
             _say(state, trainer.expert_selection.format_table())
         metrics = _train_and_save(trainer, recipe, run, state, checkpoint, data)
-    _say(state, _summary(run.path, metrics))
+    _say(state, _summary(run.path, metrics), quiet_too=True)
     return run.path, metrics
 
 
@@ -126,6 +126,7 @@ def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None)
 
     from moetune.adapters import add_adapters
     from moetune.data import load_datasets
+    from moetune.data_cache import progress_bars
     from moetune.esft import attach_expert_selection, esft_freeze, prepare_expert_selection
     from moetune.freezing import freeze, modules_trained_in_full
     from moetune.loading import load_model
@@ -147,8 +148,17 @@ def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None)
     selection = prepare_expert_selection(model, recipe, data.train, tokenizer)  # None without `experts`
     # MoETrainer installs the router controls (jitter, fp32 router, expert dropout) on the modules that train,
     # adds the aux/z losses and, with moe.telemetry, the RoutingTelemetry callback (routing.json/png).
-    trainer = MoETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                         processing_class=tokenizer, moe=recipe.moe)
+    with progress_bars(False):  # TRL's "Building labels / Truncating / Dropping" passes over data that is ready
+        trainer = MoETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                             processing_class=tokenizer, moe=recipe.moe)
+    # One compact line per logging step instead of the raw log dict (moetune/console.py, docs/metrics.md).
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from moetune.progress import StepPrinter
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(StepPrinter(bar=not args.disable_tqdm))
     trainer.freeze_report, trainer.data_report = report, data.report
     attach_expert_selection(trainer, selection)  # trains only the selected experts (ExpertMask callback)
     return trainer
@@ -377,11 +387,24 @@ def format_samples(samples, tokenizer) -> str:
 # ------------------------------------------------------------------------------------------------- reporting
 
 
-def _say(state, message: str) -> None:
-    if state.is_main_process and message:
+def _say(state, message: str, *, quiet_too: bool = False) -> None:
+    from moetune.console import is_quiet
+
+    if state.is_main_process and message and (quiet_too or not is_quiet()):
         print(message, flush=True)  # noqa: T201 -- progress of a long command, next to the trainer's own bar
 
 
 def _summary(out: Path, metrics: dict) -> str:
-    parts = [f"{k}={metrics[k]:.4f}" for k in ("eval_loss_start", "eval_loss", "train_loss") if metrics.get(k) is not None]
-    return f"Done: {out} ({', '.join(parts)})"
+    parts = [f"{k}={metrics[k]:.4f}" for k in ("eval_loss_start", "eval_loss", "train_loss", "aux_loss", "z_loss")
+             if metrics.get(k) is not None]
+    if metrics.get("train_runtime_s") is not None:
+        parts.append(f"{metrics.get('global_step')} steps in {metrics['train_runtime_s']:.1f} s")
+    return f"Done: {out} ({', '.join(parts)}); metrics in {out / 'metrics.json'}"
+
+
+def _rows_needed(args, state) -> int | None:
+    """Train rows a run with `max_steps` consumes (one global batch per step), for `load_datasets(max_rows=)`.
+    None (all rows) without max_steps, and with packing, where a sequence holds an unknown number of rows."""
+    if args.max_steps is None or args.max_steps <= 0 or args.packing:
+        return None
+    return args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * state.num_processes

@@ -13,6 +13,7 @@ from moetune.telemetry import (
     RoutingTelemetry,
     format_routing_report,
     measure_routing,
+    routing_figure,
     routing_from_paths,
     write_routing_report,
 )
@@ -126,3 +127,44 @@ def test_routing_from_paths(tiny_model_dir, tmp_path):
     report = routing_from_paths(str(tiny_model_dir("mixtral")), str(data), max_examples=6, batch_size=4)
     assert report["model_type"] == "mixtral" and report["tokens"] > 6 * 5
     assert all(sum(layer["share"]) == pytest.approx(1.0, abs=1e-5) for layer in report["layers"])
+
+
+def _plots(fig):
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+def test_routing_figure_explains_itself(tmp_path):
+    import matplotlib.pyplot as plt
+
+    model = _model()
+    telemetry = RoutingTelemetry(training_only=False).bind(model)
+    with torch.no_grad():
+        model(input_ids=IDS)
+        telemetry.log_metrics(step=10)
+        _force_collapse(model)
+        model(input_ids=IDS)
+        telemetry.log_metrics(step=20)
+    report = telemetry.report()
+    telemetry.unbind()
+    fig = routing_figure(report)
+    first, last, imbalance = _plots(fig)  # before | after | imbalance over training
+    assert (first.get_title(), last.get_title()) == ("first interval (step 10)", "last interval (step 20)")
+    assert [ax.get_xlabel() for ax in (first, last, imbalance)] == ["expert", "expert", "training step"]
+    assert first.get_ylabel() == "MoE layer" and imbalance.get_ylabel() == "max/mean share"
+    colorbar = next(ax for ax in fig.axes if ax.get_label() == "<colorbar>")
+    assert colorbar.get_xlabel().startswith("share of routed slots") and "1/E = 25%" in [t.get_text() for t in colorbar.get_xticklabels()]
+    dead_last = sum(len(layer["dead_experts"]) for layer in report["history"][-1]["layers"])
+    assert dead_last >= 2 and sum(line.get_marker() == "x" for line in last.lines) == dead_last
+    assert not any(line.get_marker() == "x" for line in first.lines)
+    assert [line.get_label() for line in imbalance.lines][:2] == ["layer 0", "layer 1"]
+    assert list(imbalance.lines[0].get_xdata()) == [10, 20]
+    assert "top-2" in fig._suptitle.get_text() and "slots" in fig._suptitle.get_text()
+    plt.close(fig)
+
+    measured = measure_routing(model, build_tokenizer(), ["hello world", "one two three"])  # no history
+    fig = routing_figure(measured)
+    heatmap, per_layer = _plots(fig)
+    assert heatmap.get_xlabel() == "expert" and per_layer.get_xlabel() == "MoE layer"
+    plt.close(fig)
+    _, png = write_routing_report(report, tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
