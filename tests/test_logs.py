@@ -36,7 +36,7 @@ def test_train_prints_one_line_per_logging_step_and_one_summary(demo_recipe, cap
     assert [line.split()[2] for line in lines if line.startswith("eval step")] == ["0/6", "6/6"]
     assert sum(line.startswith("Done: ") for line in lines) == 1 and "metrics.json" in lines[-1]
     assert out.count("train: ") == 1 and out.count("eval: ") == 1  # the data report
-    assert "; first 114 of 600 rows (enough for train.max_steps)" in out  # 6 steps x 8 rows, plus the margin
+    assert "; a fixed sample of 114 of 600 rows (enough for train.max_steps)" in out  # 6 steps x 8 rows, plus the margin
     text = out + err
     for noise in ("{'loss'", "'train_runtime'", "Building labels", "Truncating", "Loading weights", "Writing model shards",
                   "gemm_4bit_forward", "\r"):
