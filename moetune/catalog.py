@@ -63,6 +63,25 @@ def resolve_recipe_source(text: "str | Path") -> Path:
     return found
 
 
+def locate_packaged_data(raw: dict, recipe_file: Path) -> None:
+    """Make a packaged recipe's own data files (`recipes/data/...`) findable from any working directory.
+
+    Shipped recipes name their data relative to the repository root, as users run them there. From elsewhere (a
+    `pip install`), a relative data path that does not exist here but does inside the package becomes absolute.
+    Paths that exist relative to the working directory, and every path of a user's own recipe, are left alone.
+    """
+    if RECIPES_DIR.resolve() not in recipe_file.resolve().parents:
+        return
+    data = raw.get("data")
+    for split in ("train", "eval"):
+        value = data.get(split) if isinstance(data, dict) else None
+        if not isinstance(value, str) or Path(value).is_absolute() or Path(value).expanduser().exists():
+            continue
+        shipped = RECIPES_DIR.parent / value
+        if shipped.is_file():
+            data[split] = str(shipped)
+
+
 def recipe_summary(name: str) -> dict[str, str]:
     """One row of `moetune recipes`: name, model, method, memory, GPUs, description (the header's first line)."""
     path = recipe_path(name)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moetune.catalog import resolve_recipe_source
+from moetune.catalog import locate_packaged_data, resolve_recipe_source
 from moetune.errors import RecipeError
 from moetune.rules import (
     DATA_SUFFIXES,
@@ -220,9 +220,12 @@ def load_recipe(source: "str | Path | dict | Recipe", overrides: Sequence[str] =
         raw = copy.deepcopy(source)
     else:
         where = str(source)
-        raw = parse_yaml(_read_recipe_text(resolve_recipe_source(source)), where)  # a path, or a packaged name
+        recipe_file = resolve_recipe_source(source)  # a path, or a packaged name
+        raw = parse_yaml(_read_recipe_text(recipe_file), where)
         if raw is None:
             raise RecipeError(f"{where}: the recipe is empty; it needs at least the sections model, data and output")
+        if isinstance(raw, dict):
+            locate_packaged_data(raw, recipe_file)
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a recipe is a mapping of sections (model, data, output, ...), got {type(raw).__name__}")
     problems = [_apply_override(raw, item) for item in overrides]

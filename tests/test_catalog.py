@@ -129,3 +129,18 @@ def test_unknown_name_lists_close_names(tmp_path, monkeypatch, capsys):
         copy_recipe("no_such_recipe", tmp_path)
     with pytest.raises(RecipeError, match="Accelerate config, not a recipe"):
         resolve_recipe_source("accelerate/ddp")
+
+
+def test_a_packaged_recipe_finds_its_own_data_from_anywhere(tmp_path, monkeypatch):
+    """`pip install moetune` users run `moetune train demo` outside any repository: its shipped data is found."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny-mixtral").mkdir(parents=True)  # what `moetune tiny` would have written
+    (tmp_path / "runs" / "tiny-mixtral" / "config.json").write_text("{}")
+    recipe = load_recipe("demo")
+    for source in (recipe.data.train, recipe.data.eval):
+        assert Path(source).is_absolute() and Path(source).is_file()
+    # A user's own recipe with the same relative path is not rewritten: it is an error naming the file.
+    own = tmp_path / "own.yaml"
+    own.write_text((Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml").read_text())
+    with pytest.raises(RecipeError, match="recipes/data/demo_train.jsonl"):
+        load_recipe(own)
