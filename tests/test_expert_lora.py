@@ -123,6 +123,8 @@ def test_saved_adapter_is_peft_layout_and_reloads_identically(tiny_model_dir, tm
     ids = _ids(1)
     with torch.no_grad():
         logits = model(ids).logits
+        with model.disable_adapter():  # PEFT's switch still works: the split forward hands over to PEFT's
+            assert torch.equal(model(ids).logits, _load(path)(ids).logits)
     model.save_pretrained(tmp_path / "adapter")
     plain = PeftModel.from_pretrained(_load(path), str(tmp_path / "adapter")).eval()  # PEFT's own fold
     assert not is_split(plain)
