@@ -10,6 +10,7 @@ before reducing it to the LoRA factors. This module computes the same function a
 with the tokens sorted by expert once and every product a grouped matmul over those groups
 (`torch.nn.functional.grouped_mm`, or a loop over experts where its stride rule does not hold). The base weight
 (4-bit ones dequantized as usual) gets no gradient; the LoRA factors get theirs from `[tokens, r]`-sized products.
+A 4-bit base weight is dequantized again in backward instead of being kept dequantized from forward to backward.
 
 Design: parameters, saving and loading stay PEFT's. `add_adapters` still creates PEFT's `ParamWrapper`s, so the
 trainable tensors are PEFT's own `lora_A [r*E, in]` / `lora_B [out, r*E]` and `save_pretrained` /
@@ -34,6 +35,7 @@ import types
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from moetune.errors import MoetuneError
 from moetune.router_controls import _dropout
@@ -41,7 +43,12 @@ from moetune.router_controls import _dropout
 
 _PARAMS = ("gate_up_proj", "down_proj")
 _ATTR = "_moetune_split_lora"
-AUTO_MIN_EXPERTS = 16  # "auto" picks split from this many experts per layer on (scripts/bench_train.py)  # set on the outermost wrapper while the split forward is installed
+# "auto" picks split from this many experts per layer on (docs/benchmarks.md#expert-lora-peft-fold-vs-split-issue-10,
+# scripts/bench_train.py). Fine-grained (64 experts, width 128): split was 1.6-3.1x faster than PEFT's fold in every
+# run, with 0.5-0.63x its step peak memory. Coarse (8 experts, width 1024): split's step peak is 0.42-0.44x too,
+# but its speed ranged 0.77-1.8x on a shared 2-core machine, so the upstream fold stays the default there until a
+# quiet or GPU measurement shows split >= 1.0x.
+AUTO_MIN_EXPERTS = 16  # set on the outermost wrapper while the split forward is installed
 
 
 def _param_wrapper_type() -> type:
@@ -197,6 +204,36 @@ def _gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: list[i
     return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[-1])
 
 
+class _FrozenExpertsLinear(torch.autograd.Function):
+    """`x @ W_e^T` per group for a frozen parametrized (4-bit) weight that is dequantized again in backward.
+
+    Autograd would otherwise keep each layer's dequantized `[E, out, in]` weight alive from forward to backward
+    (as PEFT's fold keeps its folded copy); here only the packed 4-bit weight is kept. Costs one more
+    dequantization per layer in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, experts, name, offsets, counts):
+        ctx.experts, ctx.name, ctx.counts = experts, name, counts
+        ctx.save_for_backward(offsets)
+        return _gmm(x, getattr(experts, name).transpose(1, 2), offsets, counts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        weight = getattr(ctx.experts, ctx.name)  # [E, out, in]: grad [S, out] @ W_e -> [S, in]
+        return _gmm(grad.contiguous(), weight, offsets, ctx.counts), None, None, None, None
+
+
+def _base_linear(x: torch.Tensor, experts: nn.Module, name: str, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    if parametrize.is_parametrized(experts, name) and torch.is_grad_enabled() and x.requires_grad:
+        original = experts.parametrizations[name].original
+        if not original.requires_grad:
+            return _FrozenExpertsLinear.apply(x, experts, name, offsets, counts)
+    # A plain frozen weight is saved for backward by reference (no copy); a 4-bit one without grad needs nothing.
+    return _gmm(x, getattr(experts, name).transpose(1, 2), offsets, counts)
+
+
 def _factors(wrapper: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """PEFT's rank-r-per-expert blocks as `A^T [E, in, r]`, `B^T [E, r, out]` (out/in of the [E, out, in] weight)."""
     a = wrapper.lora_A[adapter].weight  # [r*E, in]: expert e owns rows e*r:(e+1)*r
@@ -253,8 +290,7 @@ def split_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k
         lora_keep = expert_mask.to(x.device)[ids_sorted].unsqueeze(-1).to(x.dtype)
 
     def project(inp: torch.Tensor, name: str) -> torch.Tensor:
-        weight = getattr(experts, name)  # [E, out, in]; a 4-bit weight is dequantized here, without grad
-        out = _gmm(inp, weight.transpose(1, 2), offsets, counts)
+        out = _base_linear(inp, experts, name, offsets, counts)  # no base-weight gradient
         if terms[name]:
             lora_in = _dropout(inp, dropout, True) if dropout > 0 else inp
             delta = None
