@@ -173,3 +173,23 @@ def test_recipe_allows_expert_dropout_only_with_split(tmp_path, monkeypatch):
     recipe["lora"]["experts_path"] = "peft"
     with pytest.raises(RecipeError, match=r"`lora.dropout` must be 0 when `lora.targets` includes experts"):
         load_recipe(recipe)
+
+
+def test_gradient_checkpointing_replays_the_same_dropout(tiny_model_dir):
+    model = add_adapters(_load(tiny_model_dir("qwen3_moe"), quantized=True),
+                         LoraSection(r=4, targets=["experts", "attention"], experts_path="split", dropout=0.2))
+    _randomize_lora(model)
+    model.train()
+    ids = _ids()
+
+    def grads():
+        torch.manual_seed(1)
+        model(ids, labels=ids).loss.backward()
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = grads()
+    assert all(plain[n].abs().sum() > 0 and torch.equal(plain[n], checkpointed[n]) for n in plain)
