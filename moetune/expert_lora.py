@@ -23,12 +23,14 @@ is the *strided* columns `e, e+E, e+2E, ...` of lora_B (`lora_B.reshape(out, r, 
 
 Dropout: PEFT refuses `lora_dropout != 0` on parameter targets because the fold cannot drop per token; here the
 LoRA input of each routed (token, expert) pair is dropped independently, in training mode only (`lora.dropout`
-with `lora.experts_path: split`). LoRA on some experts only: `expert_mask` zeroes the LoRA path of the others
+with `lora.experts_path: split`). PEFT's config then says `lora_dropout: 0` (so any PEFT can load the adapter) and
+`add_adapters` gives the Linear LoRA layers (attention, ...) the recipe's dropout itself. LoRA on some experts only: `expert_mask` zeroes the LoRA path of the others
 (their factors exist, in PEFT's layout, and stay at their initial values).
 
 Supported: the standard layout of transformers' `@use_experts_implementation` experts with concatenated
 `gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`, no bias, not transposed (mixtral, qwen2/3_moe, olmoe,
 deepseek_v2/v3, ...). Others (gpt_oss: transposed + bias; dbrx, jetmoe: own layouts) raise `MoetuneError`.
+`lora.experts_path: auto` takes split from `AUTO_MIN_EXPERTS` experts per layer on (measured; see there).
 """
 
 import types
@@ -42,13 +44,13 @@ from moetune.router_controls import _dropout
 
 
 _PARAMS = ("gate_up_proj", "down_proj")
-_ATTR = "_moetune_split_lora"
+_ATTR = "_moetune_split_lora"  # set on the outermost wrapper while the split forward is installed
 # "auto" picks split from this many experts per layer on (docs/benchmarks.md#expert-lora-peft-fold-vs-split-issue-10,
 # scripts/bench_train.py). Fine-grained (64 experts, width 128): split was 1.6-3.1x faster than PEFT's fold in every
 # run, with 0.5-0.63x its step peak memory. Coarse (8 experts, width 1024): split's step peak is 0.42-0.44x too,
 # but its speed ranged 0.77-1.8x on a shared 2-core machine, so the upstream fold stays the default there until a
 # quiet or GPU measurement shows split >= 1.0x.
-AUTO_MIN_EXPERTS = 16  # set on the outermost wrapper while the split forward is installed
+AUTO_MIN_EXPERTS = 16
 
 
 def _param_wrapper_type() -> type:
