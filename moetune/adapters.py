@@ -20,6 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
+from moetune import expert_lora
 from moetune._compat import fix_peft_param_wrappers
 from moetune.architectures import (
     ADAPTER_GROUP,
@@ -145,19 +146,37 @@ def add_adapters(model: nn.Module, lora: LoraSection, *, modules_to_save: list[s
             f"{len(both)} module(s) are both LoRA targets (`lora.targets`) and trained in full (`freeze`), e.g. "
             f"{both[0]}; PEFT cannot do both to one module. Drop that group from `freeze.train` or from `lora.targets`."
         )
-    if target_parameters and lora.dropout:
+    split = expert_lora.choose_path(model, lora.experts_path, target_parameters) == "split"
+    if target_parameters and lora.dropout and lora.experts_path != "split":  # explicit, as in the recipe check
         raise MoetuneError(
-            f"`lora.dropout` must be 0.0 when `lora.targets` includes experts or parameter targets (got {lora.dropout}): "
-            f"PEFT's ParamWrapper has no dropout (targets resolved to parameters: {target_parameters[:2]}...)"
+            f"`lora.dropout` must be 0.0 when `lora.targets` includes experts or parameter targets (got {lora.dropout}), "
+            f"unless `lora.experts_path: split`: PEFT's ParamWrapper has no dropout (targets resolved to parameters: "
+            f"{target_parameters[:2]}...)"
         )
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
-        target_modules=target_modules, target_parameters=target_parameters or None,
+        # With parameter targets PEFT refuses any lora_dropout; the split path applies it itself (below).
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0 if target_parameters else lora.dropout, bias="none",
+        task_type="CAUSAL_LM", target_modules=target_modules, target_parameters=target_parameters or None,
         modules_to_save=list(modules_to_save) or None,
     )
     peft_model = get_peft_model(model, config)
     fix_peft_param_wrappers(peft_model)
+    if split:
+        expert_lora.install_split_lora(peft_model, dropout=lora.dropout)
+        if lora.dropout and target_parameters:
+            _add_linear_dropout(peft_model, lora.dropout)
     return peft_model
+
+
+def _add_linear_dropout(peft_model: PeftModel, p: float) -> None:
+    # The saved adapter_config says lora_dropout 0 (so plain PEFT can load it); the Linear LoRA layers get the
+    # recipe's dropout here, as PEFT would have given them. Router parameter targets stay without dropout.
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper):
+            for name in list(module.lora_dropout.keys()):
+                module.lora_dropout[name] = nn.Dropout(p)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -209,13 +228,17 @@ def _match_nesting(saved: dict[str, torch.Tensor], expected: dict[str, torch.Ten
     return out
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, *, is_trainable: bool = False) -> PeftModel:
+def load_adapter(model: nn.Module, adapter_dir: str | Path, *, is_trainable: bool = False,
+                 experts_path: str = "auto") -> PeftModel:
     """Load a saved LoRA adapter onto a freshly loaded base, 4-bit or bf16, whichever it was trained on.
 
     Args:
         model: a base model from `moetune.loading.load_model`.
         adapter_dir: a directory written by `PeftModel.save_pretrained` (or a moetune training run).
         is_trainable: keep the adapter trainable (to resume training); otherwise it is frozen.
+        experts_path: how LoRA on fused experts computes ("auto", "peft", "split"; `lora.experts_path`). The
+            weights are the same either way. (Resuming with split dropout: pass the model to
+            `moetune.expert_lora.install_split_lora(model, dropout=...)` afterwards.)
 
     Returns:
         The PEFT model with the adapter's weights.
@@ -240,6 +263,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, is_trainable: boo
         raise MoetuneError(f"adapter {str(adapter_dir)!r} does not fit this model: missing {missing[:3]}, "
                            f"unexpected {extra[:3]}, wrong shape {wrong[:3]}")
     set_peft_model_state_dict(peft_model, saved)
+    if expert_lora.choose_path(model, experts_path, list(config.target_parameters or ())) == "split":
+        expert_lora.install_split_lora(peft_model)
     if not is_trainable:
         peft_model.eval()
     return peft_model

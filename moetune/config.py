@@ -70,9 +70,13 @@ class LoraSection(Strict):
     alpha: float = Field(32.0, gt=0)
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout on the LoRA input. Must be 0 when `experts` is a target (PEFT's ParamWrapper has none)."""
+    """Dropout on the LoRA input. With `experts` as a target it needs `experts_path: split` (PEFT's path has none)."""
     targets: list[str] = Field(default_factory=lambda: ["attention"], min_length=1)
     """Parameter groups (attention, shared_experts, dense_mlp, router, experts) or explicit module/parameter names."""
+    experts_path: Literal["auto", "peft", "split"] = "auto"
+    """How LoRA on fused experts computes: `peft` folds B@A into a full copy of each expert weight (PEFT's own
+    path); `split` runs the LoRA on the routed tokens and never builds that copy (allows `dropout`); `auto` picks
+    per model shape. Both save and load the same PEFT adapter."""
 
 
 class FreezeSection(Strict):
@@ -442,10 +446,11 @@ def _check_cross(raw: dict) -> list[str]:
     if isinstance(lora, dict):
         targets = lora.get("targets", ["attention"])
         targets = [t for t in targets if isinstance(t, str)] if isinstance(targets, list) else []
-        if "experts" in targets and lora.get("dropout", 0) not in (0, 0.0, None):
+        if ("experts" in targets and lora.get("dropout", 0) not in (0, 0.0, None)
+                and lora.get("experts_path", "auto") != "split"):
             problems.append(
-                f"`lora.dropout` must be 0 when `lora.targets` includes experts (got {lora['dropout']!r}): PEFT's "
-                "ParamWrapper for 3-D expert weights has no dropout"
+                f"`lora.dropout` must be 0 when `lora.targets` includes experts (got {lora['dropout']!r}), unless "
+                "`lora.experts_path: split`: PEFT's ParamWrapper for 3-D expert weights has no dropout"
             )
         for target in targets:
             # A bare word is a group name; names with dots or underscores are explicit module/parameter names.

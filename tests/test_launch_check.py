@@ -47,6 +47,7 @@ def test_ddp_on_cpu_ranks_says_what_runs(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     line = "distributed: MULTI_CPU, world size 2, backend gloo, parameters and experts replicated on every rank (DDP)"
     assert result.stdout.count(line) == 1  # said once, by the main process
+    assert result.stdout.count("Done: ") == 1  # and the final summary once
 
 
 def test_single_process_says_what_runs(tiny_model_dir, tmp_path, capsys):

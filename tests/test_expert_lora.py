@@ -1,0 +1,195 @@
+"""Split expert LoRA: the same function and gradients as PEFT's fold, expert by expert, in PEFT's own layout."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from moetune.adapters import add_adapters, load_adapter
+from moetune.config import LoraSection, ModelSection, QuantizationSection, load_recipe
+from moetune.errors import MoetuneError
+from moetune.expert_lora import install_split_lora, is_split, remove_split_lora
+from moetune.loading import load_model
+
+
+def _load(path, quantized=False):
+    return load_model(ModelSection(name_or_path=str(path), dtype="float32"), QuantizationSection() if quantized else None,
+                      with_tokenizer=False)[0]
+
+
+def _expert_wrappers(model):
+    """(name, wrapper) for every ParamWrapper on a fused expert weight."""
+    return [(n, m) for n, m in model.named_modules() if getattr(m, "parameter_name", None) in ("gate_up_proj", "down_proj")]
+
+
+def _randomize_lora(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def _ids(seed=0):
+    return torch.randint(6, 400, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def _step(model, ids):
+    """Logits, d(loss)/d(input embeddings) and every LoRA gradient of one forward + backward."""
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.logits.detach(), embeds.grad, grads
+
+
+def _close(a, b):
+    # fp32; the fold and the split path associate the same products differently, so allow rounding at 1e-5 of
+    # the tensor's scale (a mispaired expert would be off by the whole LoRA term, ~1e-1 here).
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "4bit"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_split_equals_peft_fold_expert_by_expert(tiny_model_dir, arch, quantized):
+    model = add_adapters(_load(tiny_model_dir(arch), quantized), LoraSection(r=4, targets=["experts"], experts_path="peft"))
+    assert not is_split(model)
+    _randomize_lora(model)
+    model.train()
+    ids = _ids()
+    logits, d_embeds, grads = _step(model, ids)
+    assert install_split_lora(model) == 2 and is_split(model)
+    split_logits, split_d_embeds, split_grads = _step(model, ids)
+    assert _close(split_logits, logits), (split_logits - logits).abs().max()
+    assert _close(split_d_embeds, d_embeds)
+    checked = 0
+    for name, wrapper in _expert_wrappers(model):
+        experts, r = wrapper.num_experts, wrapper.r["default"]
+        prefix = f"{name}.lora_"
+        grad_a = split_grads[f"{prefix}A.default.weight"]
+        grad_b = split_grads[f"{prefix}B.default.weight"]
+        ref_a, ref_b = grads[f"{prefix}A.default.weight"], grads[f"{prefix}B.default.weight"]
+        for e in range(experts):
+            # PEFT's blocks: expert e owns rows e*r:(e+1)*r of lora_A and columns e, e+E, ... of lora_B.
+            a_rows, b_cols = slice(e * r, (e + 1) * r), slice(e, None, experts)
+            assert ref_a[a_rows].abs().sum() > 0 and ref_b[:, b_cols].abs().sum() > 0, (name, e)
+            assert _close(grad_a[a_rows], ref_a[a_rows]), (name, e)
+            assert _close(grad_b[:, b_cols], ref_b[:, b_cols]), (name, e)
+            checked += 1
+    assert checked == 2 * 2 * 4  # 2 layers x (gate_up_proj, down_proj) x 4 experts
+    assert set(split_grads) == set(grads)
+    remove_split_lora(model)
+    assert not is_split(model) and _close(_step(model, ids)[0], logits)
+
+
+def test_add_adapters_follows_experts_path(tiny_model_dir):
+    path = tiny_model_dir("mixtral")
+    assert is_split(add_adapters(_load(path), LoraSection(r=4, targets=["experts"], experts_path="split")))
+    assert not is_split(add_adapters(_load(path), LoraSection(r=4, targets=["experts"], experts_path="peft")))
+    # auto: 4 experts is a coarse shape -> PEFT's fold. Dropout on expert LoRA needs split, said explicitly.
+    assert not is_split(add_adapters(_load(path), LoraSection(r=4, targets=["experts"])))
+    for experts_path in ("peft", "auto"):
+        with pytest.raises(MoetuneError, match=r"lora.dropout.*unless `lora.experts_path: split`"):
+            add_adapters(_load(path), LoraSection(r=4, targets=["experts"], dropout=0.1, experts_path=experts_path))
+
+
+def test_dropout_only_in_training_and_only_when_configured(tiny_model_dir):
+    path = tiny_model_dir("qwen3_moe")
+    lora = LoraSection(r=4, targets=["experts", "attention"], experts_path="split")
+    plain = add_adapters(_load(path), lora)
+    dropped = add_adapters(_load(path), lora.model_copy(update={"dropout": 0.3}))
+    for model in (plain, dropped):
+        _randomize_lora(model)
+    ids = _ids()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        plain.eval(), dropped.eval()
+        reference = plain(ids).logits
+        assert torch.equal(dropped(ids).logits, reference) and torch.equal(dropped(ids).logits, reference)
+        plain.train(), dropped.train()
+        assert torch.equal(plain(ids).logits, reference)
+        first, second = dropped(ids).logits, dropped(ids).logits
+    assert not torch.allclose(first, reference) and not torch.allclose(first, second)
+    # Attention LoRA (Linear) got the same dropout; the saved config keeps 0 so plain PEFT can load it.
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in dropped.modules())
+    assert dropped.peft_config["default"].lora_dropout == 0.0
+
+
+def test_saved_adapter_is_peft_layout_and_reloads_identically(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("mixtral")
+    model = add_adapters(_load(path), LoraSection(r=4, targets=["experts", "attention"], experts_path="split"))
+    _randomize_lora(model)
+    model.eval()
+    ids = _ids(1)
+    with torch.no_grad():
+        logits = model(ids).logits
+        with model.disable_adapter():  # PEFT's switch still works: the split forward hands over to PEFT's
+            assert torch.equal(model(ids).logits, _load(path)(ids).logits)
+    model.save_pretrained(tmp_path / "adapter")
+    plain = PeftModel.from_pretrained(_load(path), str(tmp_path / "adapter")).eval()  # PEFT's own fold
+    assert not is_split(plain)
+    reloaded = load_adapter(_load(path), tmp_path / "adapter", experts_path="split")
+    assert is_split(reloaded)
+    with torch.no_grad():
+        assert _close(plain(ids).logits, logits)
+        assert torch.equal(reloaded(ids).logits, logits)
+
+
+def test_expert_mask_turns_lora_off_for_unchosen_experts(tiny_model_dir):
+    model = add_adapters(_load(tiny_model_dir("mixtral")), LoraSection(r=4, targets=["experts"], experts_path="peft"))
+    _randomize_lora(model)
+    model.train()
+    ids = _ids()
+    install_split_lora(model, expert_mask=[True, False, True, True])
+    logits, _, grads = _step(model, ids)
+    remove_split_lora(model)
+    with torch.no_grad():  # the same as PEFT's fold with expert 1's LoRA zeroed
+        for _, wrapper in _expert_wrappers(model):
+            wrapper.lora_B["default"].weight[:, 1::4] = 0
+    assert _close(_step(model, ids)[0], logits)
+    for name, _ in _expert_wrappers(model):
+        assert grads[f"{name}.lora_A.default.weight"][4:8].abs().sum() == 0
+        assert grads[f"{name}.lora_B.default.weight"][:, 1::4].abs().sum() == 0
+        assert grads[f"{name}.lora_A.default.weight"][0:4].abs().sum() > 0
+    with pytest.raises(MoetuneError, match="expert_mask has 3 entries"):
+        install_split_lora(model, expert_mask=[True, False, True])
+
+
+def test_unsupported_layouts_are_refused_clearly(tiny_model_dir):
+    path = tiny_model_dir("gpt_oss")
+    with pytest.raises(MoetuneError, match=r"split expert-LoRA path does not support GptOssExperts.*transposed.*bias"):
+        add_adapters(_load(path), LoraSection(r=4, targets=["experts"], experts_path="split"))
+    assert not is_split(add_adapters(_load(path), LoraSection(r=4, targets=["experts"], dropout=0.0)))
+
+
+def test_recipe_allows_expert_dropout_only_with_split(tmp_path, monkeypatch):
+    from moetune.errors import RecipeError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
+    recipe = {"model": {"name_or_path": "org/some-moe"}, "data": {"train": "train.jsonl"}, "output": {"dir": "out"},
+              "lora": {"targets": ["experts"], "dropout": 0.05, "experts_path": "split"}}
+    assert load_recipe(recipe).lora.experts_path == "split"
+    recipe["lora"]["experts_path"] = "peft"
+    with pytest.raises(RecipeError, match=r"`lora.dropout` must be 0 when `lora.targets` includes experts"):
+        load_recipe(recipe)
+
+
+def test_gradient_checkpointing_replays_the_same_dropout(tiny_model_dir):
+    model = add_adapters(_load(tiny_model_dir("qwen3_moe"), quantized=True),
+                         LoraSection(r=4, targets=["experts", "attention"], experts_path="split", dropout=0.2))
+    _randomize_lora(model)
+    model.train()
+    ids = _ids()
+
+    def grads():
+        torch.manual_seed(1)
+        model(ids, labels=ids).loss.backward()
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = grads()
+    assert all(plain[n].abs().sum() > 0 and torch.equal(plain[n], checkpointed[n]) for n in plain)
