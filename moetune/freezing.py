@@ -33,7 +33,9 @@ class FreezeReport:
         return sum(self.total_by_group.values())
 
     def format_table(self) -> str:
-        """The table printed at train start: one row per group, then the total."""
+        """The table printed at train start: one row per group, then the total; one line when everything trains."""
+        if self.trainable == self.total and ADAPTER_GROUP not in self.total_by_group:
+            return f"training every parameter in full: {self.total:,} ({', '.join(self.total_by_group)})"
         lines = [f"{'group':<18}{'trainable':>14}{'total':>14}{'%':>8}"]
         for group, total in self.total_by_group.items():
             trainable = self.trainable_by_group.get(group, 0)

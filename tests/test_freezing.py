@@ -176,3 +176,12 @@ def test_a_module_cannot_be_both_adapted_and_trained_in_full(tiny_model_dir):
     to_save = modules_trained_in_full(model, FreezeSection(train=["attention"]))
     with pytest.raises(MoetuneError, match="both LoRA targets"):
         add_adapters(model, LoraSection(targets=["attention"]), modules_to_save=to_save)
+
+
+def test_table_is_one_line_when_everything_trains():
+    model = _model("mixtral")
+    report = freeze(model, FreezeSection(), lora_enabled=False)
+    table = report.format_table()
+    assert "\n" not in table and f"{report.total:,}" in table and "experts" in table
+    partial = freeze(model, FreezeSection(train=["router"]), lora_enabled=False).format_table()
+    assert partial.count("\n") >= 3 and "router" in partial
