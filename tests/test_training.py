@@ -145,4 +145,4 @@ def test_demo_recipe_as_shipped(tiny_model_dir, tmp_path, monkeypatch, capsys):
     assert metrics["eval_loss"] < 0.1 * metrics["eval_loss_start"]
     after = capsys.readouterr().out.split("Sample generations after training:")[1]
     pairs = re.findall(r"expected:  (.*)\n  generated: (.*)", after)
-    assert len(pairs) == 4 and sum(e == g for e, g in pairs) >= 3
+    assert len(pairs) == 3 and sum(e == g for e, g in pairs) >= 2  # recipes/demo.yaml: sample_prompts 3
