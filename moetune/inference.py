@@ -75,6 +75,12 @@ def load_for_inference(path: str | Path):
             model = load_adapter(model, run.path)
             if run.tokenizer_source == str(run.path):
                 tokenizer = AutoTokenizer.from_pretrained(str(run.path))
+        if run.router_fp32 and run.quantization is not None:
+            from moetune.config import MoESection
+            from moetune.router_controls import apply_router_controls
+
+            # The 4-bit base loads its router in fp32, as training had it; route in fp32 as training did.
+            apply_router_controls(model, MoESection(router_fp32=True))
     model.eval()
     return model, tokenizer
 

@@ -52,3 +52,20 @@ def test_qlora_run_is_usable_everywhere(tiny_model_dir, tmp_path, monkeypatch):
 
     report = merge_run(out, tmp_path / "merged", "float32")
     assert report.ok and report.sample_source == DEMO_TRAIN
+
+
+def test_a_bf16_qlora_run_generates(tiny_model_dir, tmp_path):
+    """A 4-bit run in bf16 loads for inference with its fp32 router routing in fp32, as training had it."""
+    recipe = {
+        "model": {"name_or_path": str(tiny_model_dir("mixtral")), "dtype": "bfloat16"},
+        "quantization": {},
+        "lora": {"r": 4, "targets": ["attention"]},
+        "data": {"train": DEMO_TRAIN, "max_length": 64},
+        "train": {"max_steps": 1, "per_device_train_batch_size": 2, "disable_tqdm": True},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    out, _ = finetune(recipe)
+    model, tokenizer = load_for_inference(out)
+    ids = torch.tensor([tokenizer("What day comes after Monday?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits.float()).all()
