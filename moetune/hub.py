@@ -22,6 +22,7 @@ UPLOAD_PATTERNS = [
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
     "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
     "recipe.yaml", "metrics.json", "data_report.json", "routing.json", "routing.png", "merge_report.json",
+    "expert_selection.json",
 ]
 IGNORE_PATTERNS = [
     "checkpoint-*", "optimizer.*", "scheduler.*", "rng_state*", "training_args.bin", "trainer_state.json",

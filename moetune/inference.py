@@ -71,6 +71,10 @@ def load_for_inference(path: str | Path):
     else:
         run = read_run_dir(path)
         model, tokenizer = load_model(run.model_section(), run.quantization, router_fp32=run.router_fp32)
+        if run.is_expert_delta:
+            from moetune.esft import load_esft
+
+            model = load_esft(model, run.path)
         if run.is_adapter:
             model = load_adapter(model, run.path)
             if run.tokenizer_source == str(run.path):

@@ -104,7 +104,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16")
     if dtype not in MERGE_DTYPES:
         raise MoetuneError(f"--dtype must be one of {', '.join(MERGE_DTYPES)} (got {dtype!r})")
     run = read_run_dir(run_dir)
-    if not run.is_adapter:
+    if not run.on_base:
         raise MoetuneError(f"nothing to merge: {run_dir} holds a full model, which serving engines load as it is")
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -120,10 +120,15 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16")
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(run.path))
-    model = load_adapter(base, run.path)
+    if run.is_expert_delta:  # full ESFT: the trained slices go into the base; nothing to fold
+        from moetune.esft import load_esft
+
+        model = load_esft(base, run.path)
+    else:
+        model = load_adapter(base, run.path)
     rows, source = sample_rows(run, tokenizer)
     reference = _logits(model, rows)
-    merged = model.merge_and_unload()
+    merged = model if run.is_expert_delta else model.merge_and_unload()
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

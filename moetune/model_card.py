@@ -86,6 +86,13 @@ inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, ret
 output = model.generate(**inputs, max_new_tokens=64)
 print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
 
+EXPERT_DELTA_SNIPPET = """import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from moetune.esft import load_esft  # this run holds only the trained experts' slices; they go onto the base
+
+model = load_esft(AutoModelForCausalLM.from_pretrained("{base}", dtype=torch.bfloat16), "{ref}")
+tokenizer = AutoTokenizer.from_pretrained("{ref}")"""
+
 
 def write_model_card(run_dir: str | Path, repo_id: str | None = None) -> Path:
     """Write `README.md` into a run dir (adapter, full or merged model), replacing any previous one.
@@ -110,7 +117,7 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None) -> ModelCa
     recipe = run.recipe
     merge = _read_json(run.path / "merge_report.json")
     ref = repo_id or (recipe.output.hub_repo_id if recipe and recipe.output.push_to_hub else None) or str(run.path.resolve())
-    base = run.base if run.is_adapter or recipe is not None else None
+    base = run.base if run.on_base or recipe is not None else None
     model_type = _model_type(run, base)
     card_data = ModelCardData(
         base_model=base if base and _is_hub_id(base) else None,
@@ -134,7 +141,8 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None) -> ModelCa
         metrics=[(k, _number(v)) for k, v in (_read_json(run.path / "metrics.json") or {}).items() if v is not None],
         routing=_routing_summary(routing) if routing else None,
         routing_png=(run.path / "routing.png").is_file(),
-        snippet=(ADAPTER_SNIPPET if run.is_adapter else MODEL_SNIPPET).format(ref=ref),
+        snippet=(EXPERT_DELTA_SNIPPET.format(base=base, ref=ref) if run.is_expert_delta
+                 else (ADAPTER_SNIPPET if run.is_adapter else MODEL_SNIPPET).format(ref=ref)),
         quantized=run.quantization is not None,
         serving=serving_warning(run.path),
         has_recipe=recipe is not None,

@@ -21,6 +21,7 @@ RECIPE_FILE = "recipe.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+EXPERT_SELECTION = "expert_selection.json"  # moetune.esft.SELECTION_FILE (torch-free here)
 _DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -39,6 +40,16 @@ class TrainedRun:
         return self.adapter_config is not None
 
     @property
+    def is_expert_delta(self) -> bool:
+        """A full expert-specialized run: only the changed slices (`moetune.esft`), loaded onto the base."""
+        return not self.is_adapter and self.model_config is None and (self.path / EXPERT_SELECTION).is_file()
+
+    @property
+    def on_base(self) -> bool:
+        """Whether loading starts from the base model (adapters, expert deltas) rather than this directory."""
+        return self.is_adapter or self.is_expert_delta
+
+    @property
     def base(self) -> str:
         """The base model of an adapter (absolute path or Hub id), or of the run that produced a full model."""
         candidates = []
@@ -49,7 +60,7 @@ class TrainedRun:
         for name in filter(None, candidates):
             if Path(name).expanduser().is_dir() or not is_local_model_path(name):
                 return name
-        if not self.is_adapter:
+        if not self.on_base:
             return str(self.path)
         raise MoetuneError(
             f"cannot find the base model of the adapter in {self.path}: {ADAPTER_CONFIG} and {RECIPE_FILE} name "
@@ -71,14 +82,14 @@ class TrainedRun:
         """How to load the weights: the base model (adapters) or this directory (full or merged models), with the
         recipe's dtype, experts kernel and trust_remote_code. `dtype` overrides the dtype."""
         settings = self.recipe.model.model_dump() if self.recipe is not None else {}
-        if not self.is_adapter:
+        if not self.on_base:
             # A merged model is saved in its own dtype, which may differ from the training recipe's.
             saved = (self.model_config or {}).get("dtype") or (self.model_config or {}).get("torch_dtype")
             if saved in _DTYPES:
                 settings["dtype"] = saved
         if dtype is not None:
             settings["dtype"] = dtype
-        settings["name_or_path"] = self.base if self.is_adapter else str(self.path)
+        settings["name_or_path"] = self.base if self.on_base else str(self.path)
         return ModelSection(**settings)
 
     @property
@@ -120,7 +131,7 @@ def read_run_dir(path: str | Path) -> TrainedRun:
     if not run.is_dir():
         raise MoetuneError(f"{str(path)!r} is not a directory")
     adapter_config, model_config = _read_json(run / ADAPTER_CONFIG), _read_json(run / MODEL_CONFIG)
-    if adapter_config is None and model_config is None:
+    if adapter_config is None and model_config is None and not (run / EXPERT_SELECTION).is_file():
         raise MoetuneError(f"{str(path)!r} holds neither an adapter ({ADAPTER_CONFIG}) nor a model ({MODEL_CONFIG}): "
                            "is training still running, or did it fail before saving?")
     return TrainedRun(path=run, recipe=read_run_recipe(run), adapter_config=adapter_config, model_config=model_config)

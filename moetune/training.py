@@ -187,7 +187,13 @@ def _train_and_save(trainer, recipe: Recipe, run: RunDir, state, checkpoint: Pat
     metrics["global_step"] = trainer.state.global_step
 
     trainer.check_weights_finite("final model")  # a diverged run is never saved as a finished model
-    trainer.save_model(str(run.path))  # adapter (PEFT layout) or full model + tokenizer; main process only
+    if trainer.expert_selection is not None and recipe.lora is None:
+        # Full ESFT saves only what changed (the selected experts' slices and any group trained beside them), not
+        # a second copy of the base; `moetune.esft.load_esft`, chat, generate and merge put it back on the base.
+        if state.is_main_process:
+            tokenizer.save_pretrained(str(run.path))
+    else:
+        trainer.save_model(str(run.path))  # adapter (PEFT layout) or full model + tokenizer; main process only
     save_expert_selection(trainer, run.path)  # ESFT: expert_selection.json (+ the selected slices when full)
     trainer.save_state()
     if state.is_main_process:

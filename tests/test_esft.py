@@ -131,7 +131,9 @@ def test_full_esft_changes_only_selected_experts_and_reloads(forced_dir, tmp_pat
     selection = json.loads((out / "expert_selection.json").read_text())
     assert all(v == [0, 2] for v in selection["experts"].values())
 
-    after = AutoModelForCausalLM.from_pretrained(out)
+    # Only what changed is saved: the selected slices, no second copy of the base.
+    assert not (out / "model.safetensors").exists() and (out / "esft_experts.safetensors").is_file()
+    after = load_esft(AutoModelForCausalLM.from_pretrained(forced_dir), out)
     old, new = dict(before.named_parameters()), dict(after.named_parameters())
     for layer in find_moe_layers(after):
         chosen = selection["experts"][str(layer.index)]
@@ -145,9 +147,17 @@ def test_full_esft_changes_only_selected_experts_and_reloads(forced_dir, tmp_pat
         if ".experts." not in name:
             assert torch.equal(param, new[name]), name
 
+    # chat/generate load it as trained, and `moetune merge` writes a plain checkpoint of base + slices.
+    from moetune.inference import load_for_inference
+    from moetune.merging import merge_run
+
     ids = torch.randint(6, 400, (2, 12), generator=torch.Generator().manual_seed(3))
-    reloaded = load_esft(AutoModelForCausalLM.from_pretrained(forced_dir), out)
-    assert torch.equal(_logits(reloaded, ids), _logits(after, ids))
+    model, _ = load_for_inference(out)
+    torch.testing.assert_close(_logits(model, ids), _logits(after, ids))
+    report = merge_run(out, tmp_path / "merged", "float32")
+    assert report.ok
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(_logits(merged, ids), _logits(after, ids))
 
 
 def test_optimizer_state_of_unselected_experts_stays_zero(forced_dir, tmp_path):
