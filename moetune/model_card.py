@@ -65,33 +65,29 @@ The adapter was trained against the 4-bit base; `moetune chat` and `moetune gene
 Trained with moetune{% if has_recipe %}; the resolved recipe is in `recipe.yaml`{% endif %}.
 """
 
+_GENERATE = """
+tokenizer = AutoTokenizer.from_pretrained("{ref}")
+messages = [{{"role": "user", "content": "Hello!"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=64)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
+
 ADAPTER_SNIPPET = """import torch
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
 
-model = AutoPeftModelForCausalLM.from_pretrained("{ref}", dtype=torch.bfloat16)  # loads the base, then the adapter
-tokenizer = AutoTokenizer.from_pretrained("{ref}")
-messages = [{{"role": "user", "content": "Hello!"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=64)
-print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
+model = AutoPeftModelForCausalLM.from_pretrained("{ref}", dtype=torch.bfloat16)  # loads the base, then the adapter""" + _GENERATE
 
 MODEL_SNIPPET = """import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{ref}", dtype=torch.bfloat16)
-tokenizer = AutoTokenizer.from_pretrained("{ref}")
-messages = [{{"role": "user", "content": "Hello!"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=64)
-print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
+model = AutoModelForCausalLM.from_pretrained("{ref}", dtype=torch.bfloat16)""" + _GENERATE
 
 EXPERT_DELTA_SNIPPET = """import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from moetune.esft import load_esft  # this run holds only the trained experts' slices; they go onto the base
 
-model = load_esft(AutoModelForCausalLM.from_pretrained("{base}", dtype=torch.bfloat16), "{ref}")
-tokenizer = AutoTokenizer.from_pretrained("{ref}")"""
+model = load_esft(AutoModelForCausalLM.from_pretrained("{base}", dtype=torch.bfloat16), "{ref}")""" + _GENERATE
 
 
 def write_model_card(run_dir: str | Path, repo_id: str | None = None) -> Path:
