@@ -36,6 +36,7 @@ _OURS = re.compile(
     r"generation_config\.json|tokenizer.*|special_tokens_map\.json|chat_template\.(jinja|json)|vocab\.json|"
     r"merges\.txt|added_tokens\.json|training_args\.bin|trainer_state\.json|metrics\.json|data_report\.json|"
     r"routing.*\.(json|png)|recipe\.yaml|README\.md|(all|train|eval)_results\.json|"
+    r"expert_selection\.json|esft_experts\.safetensors|expert_scores\.png|"
     r"\.moetune-run\.json|\.moetune\.lock|\.moetune-.*)$"
 )
 # Files a run writes before training starts; a dir holding only these is a run that failed early.
@@ -101,8 +102,8 @@ class RunDir:
         if resume:
             if not self.path.is_dir():
                 raise MoetuneError(f"--resume: output dir {self.path} does not exist, so there is nothing to resume")
-            if self.finished() is None and self.last_complete_checkpoint()[0] is None:
-                skipped = self.last_complete_checkpoint()[1]
+            checkpoint, skipped = self.last_complete_checkpoint()
+            if self.finished() is None and checkpoint is None:
                 extra = f" ({len(skipped)} incomplete checkpoint(s) skipped)" if skipped else ""
                 raise MoetuneError(f"--resume: no complete checkpoint-N directory in {self.path} to resume from{extra}")
             return

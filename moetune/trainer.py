@@ -98,8 +98,9 @@ class MoETrainer(SFTTrainer):
             loss = loss + extra.to(loss.dtype)
         # One gather and one host sync per micro-batch for the three values (this runs on every step); every rank
         # sees the same numbers, so every rank stops together on a non-finite loss.
-        loss_value, aux_value, z_value = self.accelerator.gather_for_metrics(torch.stack(
-            [loss.detach().float().to(aux.device), aux.detach().float(), z.detach().float()]).reshape(1, 3)).mean(0).tolist()
+        values = [loss.detach().float(), aux.detach().float().to(loss.device), z.detach().float().to(loss.device)]
+        loss_value, aux_value, z_value = self.accelerator.gather_for_metrics(
+            torch.stack(values).reshape(1, 3)).mean(0).tolist()
         if mode == "train" and not math.isfinite(loss_value):
             self._diverged("loss", loss_value, f"aux_loss={aux_value:.4g}, z_loss={z_value:.4g}")
         if mode == "train":

@@ -12,7 +12,7 @@ malformed, too long, per split), `trainer_state.json` and the routing report (ro
 
 import json
 import logging
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +60,10 @@ def finetune(
     run = RunDir(recipe.output.dir, recipe_file=recipe_file)
     run.check(resume=resume, overwrite=overwrite)
     if resume:
-        _check_same_setup(recipe, run)
+        stored = _stored_recipe(run)
+        _check_same_setup(recipe, stored, run)
         finished = run.finished()
-        if finished is not None and not _asks_for_more(recipe, run):
+        if finished is not None and not _asks_for_more(recipe, stored):
             _say(state, f"{run.path} already finished at step {finished.get('global_step')}; nothing to do. To train "
                         "longer, raise train.max_steps or train.num_train_epochs and --resume again.")
             return run.path, json.loads((run.path / "metrics.json").read_text(encoding="utf-8"))
@@ -231,23 +232,29 @@ def _finish_run_dir(recipe: Recipe, run: RunDir, metrics: dict, data, global_ste
 
 @contextmanager
 def _claimed(run: RunDir, state, *, resume: bool, overwrite: bool):
-    """The main process claims (creates, locks, maybe empties) the run dir; every rank learns whether it could."""
+    """The main process claims (creates, locks, maybe empties) the run dir; every rank learns whether it could.
+
+    Only the claim's own outcome is broadcast: an error later in the run is raised on every rank by itself, and a
+    second broadcast from the main process alone would wait for ranks that never join it.
+    """
     state.wait_for_everyone()  # every rank has checked before the main process changes anything
     if not state.is_main_process:
-        _raise_if(_broadcast_error(state, None))
+        refusal = _broadcast(state, None)
+        if refusal:
+            raise MoetuneError(f"the main process could not claim the output dir: {refusal}")
         yield []
         return
-    try:
-        with run.claim(resume=resume, overwrite=overwrite) as skipped:
-            _broadcast_error(state, "")
-            yield skipped
-    except MoetuneError as err:
-        if not getattr(err, "_broadcast", False):
-            _broadcast_error(state, str(err))
-        raise
+    with ExitStack() as stack:
+        try:
+            skipped = stack.enter_context(run.claim(resume=resume, overwrite=overwrite))
+        except MoetuneError as err:
+            _broadcast(state, str(err))
+            raise
+        _broadcast(state, "")
+        yield skipped
 
 
-def _broadcast_error(state, message: str | None) -> str | None:
+def _broadcast(state, message: str | None) -> str | None:
     """Main: send `message` ("" = fine). Others: receive it. A no-op on one process."""
     if state.num_processes == 1:
         return message
@@ -258,32 +265,28 @@ def _broadcast_error(state, message: str | None) -> str | None:
     return box[0]
 
 
-def _raise_if(message: str | None) -> None:
-    if message:
-        err = MoetuneError(f"the main process could not claim the output dir: {message}")
-        err._broadcast = True
-        raise err
-
-
-def _check_same_setup(recipe: Recipe, run: RunDir) -> None:
+def _stored_recipe(run: RunDir) -> Recipe | None:
     stored_file = run.path / "recipe.yaml"
-    if not stored_file.is_file():
+    return load_recipe(stored_file) if stored_file.is_file() else None
+
+
+def _check_same_setup(recipe: Recipe, stored: Recipe | None, run: RunDir) -> None:
+    if stored is None:
         return
-    stored = load_recipe(stored_file)
     changed = [s for s in _SETUP_SECTIONS if getattr(stored, s) != getattr(recipe, s)]
     if changed:
         raise RecipeError(
             f"--resume: the recipe's {', '.join(changed)} section(s) differ from the run in {run.path} "
-            f"({stored_file}); its checkpoints only fit the setup they were trained with. Resume with the same "
+            f"({run.path / 'recipe.yaml'}); its checkpoints only fit the setup they were trained with. Resume with the same "
             "sections, or start a new run elsewhere"
         )
 
 
-def _asks_for_more(recipe: Recipe, run: RunDir) -> bool:
+def _asks_for_more(recipe: Recipe, stored: Recipe | None) -> bool:
     """Whether a --resume of a finished run asks for more training than the run did."""
-    stored = load_recipe(run.path / "recipe.yaml").train if (run.path / "recipe.yaml").is_file() else {}
+    stored_train = stored.train if stored is not None else {}
     for key in ("max_steps", "num_train_epochs"):
-        new, old = recipe.train.get(key), stored.get(key)
+        new, old = recipe.train.get(key), stored_train.get(key)
         if new is not None and (old is None or new > old):
             return True
     return False

@@ -323,3 +323,20 @@ def test_an_output_dir_that_cannot_be_written(tiny_model_dir, tmp_path, capsys, 
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     assert main(["train", str(recipe_file), "--set", f"output.dir={tmp_path / 'ro' / 'run'}"]) == 1
     assert "is not writable by this user" in capsys.readouterr().err
+
+
+def test_overwrite_accepts_every_file_moetune_writes(tmp_path):
+    """Files other modules write into a run dir (ESFT's slices, expert scores) never block `--overwrite`."""
+    from moetune.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    with run.claim(resume=False, overwrite=False):
+        pass
+    for name in ("expert_selection.json", "esft_experts.safetensors", "expert_scores.png", "routing.png",
+                 "adapter_model.safetensors", "README.md", "recipe.yaml", "metrics.json"):
+        (tmp_path / "run" / name).write_text("x")
+    (tmp_path / "run" / "checkpoint-2").mkdir()
+    run.check(resume=False, overwrite=True)  # no refusal
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(MoetuneError, match="notes.txt"):
+        run.check(resume=False, overwrite=True)
