@@ -276,16 +276,6 @@ def score_experts(model: nn.Module, data: Iterable, *, tokenizer=None, max_token
     return scorer.result(seen)
 
 
-def format_scores(scores: ExpertScores, score: str) -> str:
-    """One row per MoE layer: each expert's score (x100 for shares), highest first."""
-    values = scores.get(score)
-    lines = [f"{score} per expert ({scores.model_type}, {scores.tokens} tokens)"]
-    for layer in scores.layers:
-        order = sorted(range(scores.num_experts), key=lambda e: -values[layer][e])
-        lines.append(f"layer {layer:>3}: " + "  ".join(f"{e}:{values[layer][e]:.3g}" for e in order))
-    return "\n".join(lines)
-
-
 def scores_from_report(report: dict[str, Any]) -> ExpertScores:
     """The `ExpertScores` kept in a routing report's layers (`telemetry.add_expert_scores`)."""
     layers = [layer for layer in report["layers"] if "scores" in layer]

@@ -12,6 +12,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from moetune.errors import MoetuneError
+from moetune.rules import is_local_model_path
 from moetune.run_info import TrainedRun, read_run_dir
 
 
@@ -116,7 +117,7 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None) -> ModelCa
     base = run.base if run.on_base or recipe is not None else None
     model_type = _model_type(run, base)
     card_data = ModelCardData(
-        base_model=base if base and _is_hub_id(base) else None,
+        base_model=base if base and not is_local_model_path(base) else None,
         library_name="peft" if run.is_adapter else "transformers",
         tags=[t for t in ("moe", "moetune", model_type, "lora" if run.is_adapter else None,
                           "merge" if merge else None) if t],
@@ -152,10 +153,6 @@ def _read_json(file: Path) -> Any:
         return None  # a broken optional record only costs its section
 
 
-def _is_hub_id(name: str) -> bool:
-    return not Path(name).expanduser().exists() and not name.startswith((".", "/", "~")) and name.count("/") <= 1
-
-
 def _model_type(run: TrainedRun, base: str | None) -> str | None:
     if run.model_config is not None:
         return run.model_config.get("model_type")
@@ -172,7 +169,7 @@ def _license(base: str) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
     local = Path(base).expanduser() / CARD_FILE
-    card_file = str(local) if local.is_file() else (try_to_load_from_cache(base, CARD_FILE) if _is_hub_id(base) else None)
+    card_file = str(local) if local.is_file() else (try_to_load_from_cache(base, CARD_FILE) if not is_local_model_path(base) else None)
     if not isinstance(card_file, str):
         return None
     try:
