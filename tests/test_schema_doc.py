@@ -84,28 +84,20 @@ def test_readme_names_only_commands_that_exist():
         assert sub == "cp"
 
 
-def test_readme_python_snippet_runs_after_the_quick_start(monkeypatch, tmp_path):
-    """The snippet, with the heavy calls replaced by what they check first: its recipe and overrides validate, and
-    it does not write into the quick start's `runs/demo` (which would refuse: the dir is taken)."""
-    import moetune
-    from moetune.config import load_recipe
+def test_readme_python_snippet_runs_after_the_quick_start(tmp_path, monkeypatch):
+    """The README's Python snippet, run for real in the quick start's state: the demo model, `runs/demo` taken."""
+    from moetune.tiny import make_tiny
 
+    (tmp_path / "recipes").symlink_to(REPO / "moetune" / "recipes")
+    make_tiny("mixtral", tmp_path / "runs" / "tiny-mixtral", hidden_size=128)
+    (tmp_path / "runs" / "demo").mkdir()
+    (tmp_path / "runs" / "demo" / "metrics.json").write_text("{}")  # the quick start's finished run
+    monkeypatch.chdir(tmp_path)
     text = (REPO / "README.md").read_text(encoding="utf-8")
     snippet = re.search(r"## Python.*?```python\n(.*?)```", text, flags=re.DOTALL).group(1)
-    model_dir = f"model.name_or_path={tmp_path}"  # stands in for runs/tiny-mixtral, which the quick start writes
-    runs = []
-
-    def finetune(recipe, *, overrides=(), resume=False, overwrite=False):
-        runs.append((load_recipe(recipe, [*overrides, model_dir]), overwrite))
-        return Path(runs[-1][0].output.dir), {}
-
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(moetune, "finetune", finetune, raising=False)
-    monkeypatch.setattr(moetune, "build_trainer", lambda recipe: load_recipe(recipe, [model_dir]), raising=False)
-    monkeypatch.setattr(moetune, "load_model", lambda path: (Path(path), None), raising=False)
-    for name in ("describe_moe", "group_parameters"):
-        monkeypatch.setattr(moetune, name, lambda model: None, raising=False)
-    exec(compile(snippet, "README.md", "exec"), {})
-    (recipe, overwrite), = runs
-    assert recipe.output.dir != load_recipe("demo", [model_dir]).output.dir or overwrite
-    assert "moetune tiny mixtral runs/tiny-mixtral" in text and '"runs/tiny-mixtral"' in snippet
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert scope["metrics"]["global_step"] > 0 and (scope["output_dir"] / "metrics.json").is_file()
+    assert type(scope["trainer"]).__name__ == "MoETrainer"
+    assert scope["model"].config.model_type == "mixtral"
+    assert (tmp_path / "runs" / "demo" / "metrics.json").read_text() == "{}"  # the quick start's run untouched
