@@ -5,16 +5,10 @@ Every default lives here and nowhere else. Code takes the section it needs
 recipe is a validation error that names the dotted key.
 """
 
-import ast
 import copy
-import difflib
-import functools
-import importlib.util
 import logging
-import math
-import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,14 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moetune.catalog import locate_packaged_data, resolve_recipe_source
 from moetune.errors import RecipeError
-from moetune.rules import (
-    DATA_SUFFIXES,
-    FREEZE_NAMES,
-    LORA_GROUPS,
-    expand_freeze_names,
-    is_hub_id,
-    is_local_data_source,
-    is_local_model_path,
+from moetune.recipe_checks import (  # noqa: F401 -- TRAIN_KEYS_OWNED, sft_config_fields: read from here too
+    TRAIN_KEYS_OWNED,
+    check_cross,
+    check_raw,
+    did_you_mean,
+    sft_config_fields,
 )
 from moetune.textfiles import NotUtf8Text, decode_utf8
 
@@ -153,6 +145,18 @@ class OutputSection(Strict):
     """Print the model's answers to this many eval prompts before and after training (0: none)."""
 
 
+class DistributedSection(Strict):
+    strategy: Literal["auto", "ddp", "fsdp2", "zero2", "zero3"] = "auto"
+    """How several ranks share the model. auto: what the launcher set up (an accelerate config or flags; DDP when
+    it set up nothing else). ddp, fsdp2 (decoder layers sharded, a layer's experts gathered together), zero2
+    (optimizer state and gradients partitioned), zero3 (weights too, each MoE block one ZeRO-3 leaf): moetune
+    configures the engine itself, so `torchrun` or a plain `accelerate launch --num_processes N` runs it, and a
+    launcher asking for a different one is an error. zero2/zero3 need `pip install moetune[deepspeed]`."""
+    expert_parallel: int = Field(1, ge=1)
+    """Ranks that each MoE layer's experts are split over (transformers' expert parallelism: each rank holds
+    num_experts / N experts and tokens travel to their experts by all-to-all). 1: every rank holds every expert."""
+
+
 class Recipe(Strict):
     model: ModelSection
     """The model to fine-tune and how to load it."""
@@ -168,6 +172,8 @@ class Recipe(Strict):
     """Train only the experts that the training data routes to (ESFT). Omit to train every expert."""
     data: DataSection
     """Training and evaluation data, their format, and how examples are cut and packed."""
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+    """How the work is shared when several processes are launched (ignored by a single process)."""
     train: dict[str, Any] = Field(default_factory=dict)
     """Any trl SFTConfig field, passed through (learning_rate, num_train_epochs, per_device_train_batch_size, ...)."""
     output: OutputSection
@@ -178,14 +184,6 @@ class Recipe(Strict):
 # Loading: YAML (or a dict) + `key.path=value` overrides -> a validated Recipe, every problem reported at once.
 # Nothing here imports torch, transformers or trl: a recipe mistake must surface in well under a second.
 
-# SFTConfig fields that a recipe section already decides: setting them in `train` too would be ambiguous.
-TRAIN_KEYS_OWNED = {
-    "output_dir": "output.dir", "max_length": "data.max_length", "packing": "data.packing",
-    "assistant_only_loss": "data.assistant_only_loss", "completion_only_loss": "data.assistant_only_loss",
-    "push_to_hub": "output.push_to_hub", "hub_model_id": "output.hub_repo_id", "hub_private_repo": "output.private",
-    "router_aux_loss_coef": "moe.aux_loss_coef", "model_init_kwargs": "the model section",
-    "resume_from_checkpoint": "`moetune train --resume`", "overwrite_output_dir": "`moetune train --overwrite`",
-}
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -239,7 +237,7 @@ def load_recipe(source: "str | Path | dict | Recipe", overrides: Sequence[str] =
     except ValidationError as err:
         recipe = None
         problems += [_explain(e) for e in err.errors()]
-    problems += _check_raw(raw) + _check_cross(raw)
+    problems += check_raw(raw) + check_cross(raw)
     if problems:
         head = f"{where} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:"
         raise RecipeError("\n  - ".join([head, *problems]))
@@ -321,11 +319,6 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _did_you_mean(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean `{close[0]}`?)" if close else ""
-
-
 def _explain(error: dict) -> str:
     """One pydantic error -> `key.path`: what is wrong, what was given, what is allowed."""
     loc = tuple(str(p) for p in error["loc"])
@@ -334,7 +327,7 @@ def _explain(error: dict) -> str:
     if kind == "extra_forbidden":
         section = _section_model(loc[:-1])
         allowed = list(section.model_fields) if section else []
-        hint = _did_you_mean(_ALIASES.get(loc[-1], loc[-1]), allowed)
+        hint = did_you_mean(_ALIASES.get(loc[-1], loc[-1]), allowed)
         return f"unknown key `{key}`{hint}; allowed here: {', '.join(allowed)}"
     if kind == "missing":
         return f"`{key}` is required"
@@ -347,168 +340,7 @@ def _explain(error: dict) -> str:
     return f"`{key}`: {error['msg'][0].lower()}{error['msg'][1:]} (got {given!r})"
 
 
-def _sub(raw: dict, section: str) -> dict:
-    value = raw.get(section)
-    return value if isinstance(value, dict) else {}
-
-
-def _check_raw(raw: dict) -> list[str]:
-    """Checks that pydantic's per-field validation cannot do: files, SFTConfig keys, cross-field rules."""
-    problems = []
-    data = _sub(raw, "data")
-    for split in ("train", "eval"):
-        if isinstance(data.get(split), str):
-            problem = _check_data_source(f"data.{split}", data[split])
-            if problem:
-                problems.append(problem)
-    model = _sub(raw, "model")
-    name = model.get("name_or_path")
-    if isinstance(name, str) and is_local_model_path(name) and not Path(name).expanduser().is_dir():
-        problems.append(
-            f"`model.name_or_path`: local model directory {name!r} not found (relative paths are read from the "
-            f"current directory, {os.getcwd()})"
-        )
-    train = raw.get("train")
-    if isinstance(train, dict):
-        valid = sft_config_fields()
-        problems += _check_train_values(train)
-        for key in train:
-            if _SECRET_KEY.search(str(key)):
-                continue  # reported by _check_train_values, which never echoes the value
-            if key in TRAIN_KEYS_OWNED:
-                problems.append(f"`train.{key}`: set it with {TRAIN_KEYS_OWNED[key]} instead, moetune passes it to TRL")
-            elif key not in valid:
-                problems.append(f"unknown key `train.{key}`{_did_you_mean(str(key), valid)}: `train` takes trl.SFTConfig fields")
-    output = _sub(raw, "output")
-    if output.get("push_to_hub") is True and not output.get("hub_repo_id"):
-        problems.append("`output.hub_repo_id` is required when `output.push_to_hub` is true (e.g. your-name/mixtral-sft)")
-    out_dir = output.get("dir")
-    if isinstance(out_dir, str) and Path(out_dir).expanduser().is_file():
-        problems.append(f"`output.dir`: {out_dir!r} is a file, not a directory")
-    return problems
-
-
-# `train` keys that hold credentials. TrainingArguments' only one is `hub_token` (`push_to_hub_token` is its
-# removed predecessor); the rest catches secrets meant for other tools (report_to integrations).
-_SECRET_KEY = re.compile(r"hub_token|access_token|auth_token|api_key|secret|password", re.IGNORECASE)
-
-
-def _check_train_values(train: dict) -> list[str]:
-    """Values of the free-form `train` section that pydantic cannot check: secrets and non-finite floats."""
-    problems = []
-    for key in train:
-        if _SECRET_KEY.search(str(key)):
-            instead = "set HF_TOKEN or run `hf auth login`" if "hub" in str(key).lower() else \
-                "set it in the environment of the tool that reads it"
-            problems.append(f"`train.{key}`: tokens never go in a recipe (they would be written to recipe.yaml and "
-                            f"training_args.bin): {instead}")
-    for key, value in _leaves(train, "train"):
-        if isinstance(value, float) and not math.isfinite(value):
-            problems.append(f"`{key}` must be a finite number, got {value!r}")
-    return problems
-
-
-def _leaves(node: Any, key: str) -> Iterable[tuple[str, Any]]:
-    """(dotted key, value) of every scalar in nested dicts and lists (`train.lr_scheduler_kwargs.min_lr`)."""
-    if isinstance(node, dict):
-        for name, value in node.items():
-            yield from _leaves(value, f"{key}.{name}")
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _leaves(value, f"{key}[{i}]")
-    else:
-        yield key, node
-
-
-def _check_data_source(key: str, source: str) -> str | None:
-    path = Path(source).expanduser()
-    if not is_local_data_source(source):
-        repo = source.split(":", 1)[0]
-        if not is_hub_id(repo):
-            return f"`{key}`: {source!r} is neither a local {'/'.join(DATA_SUFFIXES)} file nor a Hub dataset id (name, owner/name or owner/name:split)"
-        return None
-    if path.suffix.lower() not in DATA_SUFFIXES:
-        return f"`{key}`: {source!r} has an unsupported file type; allowed: {', '.join(DATA_SUFFIXES)}"
-    if not path.is_file():
-        return f"`{key}`: data file {source!r} not found (relative paths are read from the current directory, {os.getcwd()})"
-    return None
-
-
 # Names other tools use for our keys, so the did-you-mean can point at ours.
 _ALIASES = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets", "model_name": "name_or_path",
             "output_dir": "dir", "torch_dtype": "dtype", "dataset": "train", "max_seq_length": "max_length"}
 
-
-def _check_cross(raw: dict) -> list[str]:
-    """Rules between fields, run on the raw mapping so they are reported alongside per-field errors."""
-    problems = []
-    lora = raw.get("lora")
-    if isinstance(lora, dict):
-        targets = lora.get("targets", ["attention"])
-        targets = [t for t in targets if isinstance(t, str)] if isinstance(targets, list) else []
-        if ("experts" in targets and lora.get("dropout", 0) not in (0, 0.0, None)
-                and lora.get("experts_path", "auto") != "split"):
-            problems.append(
-                f"`lora.dropout` must be 0 when `lora.targets` includes experts (got {lora['dropout']!r}), unless "
-                "`lora.experts_path: split`: PEFT's ParamWrapper for 3-D expert weights has no dropout"
-            )
-        for target in targets:
-            # A bare word is a group name; names with dots or underscores are explicit module/parameter names.
-            if "." not in target and target not in LORA_GROUPS and _did_you_mean(target, LORA_GROUPS):
-                problems.append(
-                    f"`lora.targets`: {target!r} is not a group{_did_you_mean(target, LORA_GROUPS)}; "
-                    f"groups: {', '.join(LORA_GROUPS)}"
-                )
-    freeze = _sub(raw, "freeze")
-    names = freeze.get("train")
-    for name in names if isinstance(names, list) else []:
-        if isinstance(name, str) and name not in FREEZE_NAMES:
-            problems.append(
-                f"`freeze.train`: unknown group or preset {name!r}{_did_you_mean(name, FREEZE_NAMES)}; "
-                f"allowed: {', '.join(FREEZE_NAMES)}"
-            )
-    if isinstance(lora, dict) and isinstance(names, list):
-        # PEFT cannot both adapt a module and train it in full (modules_to_save), so say it before loading.
-        trained = expand_freeze_names(n for n in names if isinstance(n, str))
-        both = [t for t in targets if t in trained]
-        if both:
-            problems.append(
-                f"`freeze.train` {names} trains {both} in full while `lora.targets` adapts {'it' if len(both) == 1 else 'them'}: "
-                "PEFT cannot do both to one module; drop it from one of the two lists (e.g. `freeze.train: [router, norm]`)"
-            )
-    for key in ("include", "exclude"):
-        patterns = freeze.get(key)
-        for pattern in patterns if isinstance(patterns, list) else []:
-            try:
-                re.compile(str(pattern))
-            except re.error as err:
-                problems.append(f"`freeze.{key}`: {pattern!r} is not a valid regular expression ({err})")
-    if isinstance(raw.get("experts"), dict) and isinstance(lora, dict):
-        targets = lora.get("targets", ["attention"])
-        if isinstance(targets, list) and "experts" not in targets:
-            problems.append("`experts` with a `lora` section trains LoRA on the selected experts only, so "
-                            f"`lora.targets` must include experts (got {targets}); or drop `lora` to train them in full")
-    if raw.get("quantization") is not None and raw.get("lora") is None:
-        problems.append("`quantization` needs a `lora` section: 4-bit weights cannot be trained or saved in full (QLoRA)")
-    train = raw.get("train")
-    strategy = train.get("eval_strategy", "no") if isinstance(train, dict) else "no"
-    if strategy != "no" and not _sub(raw, "data").get("eval"):
-        problems.append(f"`train.eval_strategy` is {strategy!r} but `data.eval` is not set")
-    return problems
-
-
-@functools.lru_cache(maxsize=1)
-def sft_config_fields() -> frozenset[str]:
-    """Field names of trl.SFTConfig, read from the installed sources so that validation never imports torch."""
-    names: set[str] = set()
-    for package, relpath, cls in (
-        ("trl", "trainer/sft_config.py", "SFTConfig"),
-        ("transformers", "training_args.py", "TrainingArguments"),
-    ):
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise RecipeError(f"{package} is not installed")
-        tree = ast.parse((Path(spec.submodule_search_locations[0]) / relpath).read_text(encoding="utf-8"))
-        body = next(n.body for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls)
-        names |= {s.target.id for s in body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
-    return frozenset(n for n in names if not n.startswith("_"))

@@ -179,7 +179,7 @@ def _license(base: str) -> str | None:
 
 
 def _hub_datasets(recipe) -> list[str]:
-    from moetune.config import DATA_SUFFIXES
+    from moetune.rules import DATA_SUFFIXES
 
     out = []
     for source in (recipe.data.train, recipe.data.eval) if recipe else ():
