@@ -4,8 +4,8 @@ An entry is `<HF datasets cache>/moetune/<key>/` with the kept rows (`data/`, `D
 memory-mapped) and the split's report (`report.json`). The key hashes the source's identity (a local file's
 path, size and mtime; a Hub dataset's fingerprint), the tokenizer (name + vocab, special tokens and chat template),
 the data settings that change the tokens, the row limit, the tokenizers/transformers/trl versions and
-`CACHE_VERSION`. Entries are never evicted: delete
-the folder to reclaim the space.
+`CACHE_VERSION`. Reading an entry marks it used; after each write the least recently used entries go until the
+cache holds at most `MOETUNE_DATA_CACHE_GB` (default 10) gigabytes. Deleting the folder is always safe.
 """
 
 import contextlib
@@ -19,6 +19,7 @@ from pathlib import Path
 
 logger = logging.getLogger("moetune.data")
 CACHE_VERSION = "1"  # bump when tokenizing changes what a cached dataset holds
+DEFAULT_LIMIT_GB = 10.0
 
 
 def cache_root() -> Path:
@@ -67,6 +68,7 @@ def read_cache(key: str):
         dataset = datasets.Dataset.load_from_disk(str(folder / "data"))
     except (OSError, ValueError):
         return None
+    _mark_used(folder)
     return dataset, stored
 
 
@@ -84,6 +86,58 @@ def write_cache(key: str, dataset, report: dict) -> None:
     except OSError as err:  # a full disk or another process that won the race: the run goes on uncached
         logger.debug("could not cache the tokenized data in %s: %s", folder, err)
         shutil.rmtree(tmp, ignore_errors=True)
+        return
+    _mark_used(folder)
+    evict(keep=folder)
+
+
+def _mark_used(folder: Path) -> None:
+    try:
+        os.utime(folder / "report.json")  # the entry's last use: what eviction orders by
+    except OSError:
+        pass
+
+
+def cache_limit_bytes() -> int:
+    text = os.environ.get("MOETUNE_DATA_CACHE_GB", "")
+    try:
+        limit = float(text) if text.strip() else DEFAULT_LIMIT_GB
+    except ValueError:
+        logger.warning("MOETUNE_DATA_CACHE_GB=%r is not a number; using %s", text, DEFAULT_LIMIT_GB)
+        limit = DEFAULT_LIMIT_GB
+    return int(max(limit, 0.0) * 1024**3)
+
+
+def _entry_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def evict(*, keep: Path | None = None, limit: int | None = None) -> list[Path]:
+    """Delete least recently used entries until the cache fits `limit` bytes; `keep` (the entry just written)
+    stays even when it alone is larger. Returns the deleted folders. Never raises: eviction is housekeeping."""
+    limit = cache_limit_bytes() if limit is None else limit
+    try:
+        entries = []
+        for folder in cache_root().iterdir():
+            report = folder / "report.json"
+            if folder.is_dir() and report.is_file():  # `*.tmp-PID` folders are writes in progress: left alone
+                entries.append((report.stat().st_mtime, folder, _entry_size(folder)))
+    except OSError:
+        return []
+    total = sum(size for _, _, size in entries)
+    deleted = []
+    for _, folder, size in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if keep is not None and folder == keep:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        total -= size
+        deleted.append(folder)
+    if deleted:
+        logger.info("data cache over %.1f GB: removed %d least recently used entr%s", limit / 1024**3,
+                    len(deleted), "y" if len(deleted) == 1 else "ies")
+    return deleted
 
 
 @contextlib.contextmanager

@@ -9,6 +9,14 @@ import torch
 
 # Tests never reach the Hub; fail fast instead of retrying for 25 s when something tries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tokenized data is cached under the datasets cache: tests keep theirs out of the user's (subprocesses inherit it).
+if "HF_DATASETS_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="moetune-tests-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

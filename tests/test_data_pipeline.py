@@ -158,3 +158,24 @@ def _where_of(dataset, tok, path):
     full = load_datasets(DataSection(train=path), tok, cache=False).train["input_ids"]
     line_of = {tuple(ids): i + 1 for i, ids in enumerate(full)}
     return [f"x:{line_of[tuple(ids)]}" for ids in dataset["input_ids"]]
+
+
+def test_cache_evicts_the_least_recently_used_entries_over_its_limit(tmp_path, tok, cache_dir, monkeypatch):
+    paths = [write_jsonl(tmp_path / f"d{i}.jsonl", [chat(j) for j in range(10 + i)]) for i in range(3)]
+    load_datasets(DataSection(train=paths[0]), tok)
+    load_datasets(DataSection(train=paths[1]), tok)
+    entries = {p.name for p in cache_dir.iterdir()}
+    assert len(entries) == 2
+    one_entry = max(sum(f.stat().st_size for f in e.rglob("*") if f.is_file()) for e in cache_dir.iterdir())
+    first = next(e for e in cache_dir.iterdir() if json.loads((e / "report.json").read_text())["rows_read"] == 10)
+    second = next(e for e in cache_dir.iterdir() if e != first)
+    os.utime(first / "report.json", (time.time() - 100, time.time() - 100))
+    os.utime(second / "report.json", (time.time() - 50, time.time() - 50))
+    assert load_datasets(DataSection(train=paths[0]), tok).report.splits["train"].cached  # a read marks d0 used
+    # Room for two entries: writing a third removes the least recently used one, d1 (d0 was just read).
+    monkeypatch.setenv("MOETUNE_DATA_CACHE_GB", str(2.5 * one_entry / 1024**3))
+    load_datasets(DataSection(train=paths[2]), tok)
+    left = {p.name for p in cache_dir.iterdir()}
+    assert first.name in left and second.name not in left and len(left) == 2
+    assert load_datasets(DataSection(train=paths[0]), tok).report.splits["train"].cached
+    assert not load_datasets(DataSection(train=paths[1]), tok).report.splits["train"].cached
