@@ -177,14 +177,14 @@ def prune(model_path: str, data_path: str, out_dir: str, *, keep: float, score: 
         The report: kept/removed experts per layer, parameters, active parameters and bytes (bf16, 4-bit estimates)
         before and after, calibration loss before and after. Also written to `out_dir/prune_report.json`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from moetune.config import DataSection
+    from moetune.config import DataSection, ModelSection
     from moetune.data import load_datasets
+    from moetune.loading import load_model, read_config
     from moetune.sizing import inspect_model
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    # load_model's checks (missing or truncated weights, no tokenizer: named before any weight is read), in the
+    # checkpoint's own dtype so that the pruned checkpoint keeps it.
+    model, tokenizer = load_model(ModelSection(name_or_path=model_path, dtype=_saved_dtype(model_path, read_config)))
     info = describe_moe(model)
     if info.model_type in _BLOCKED:  # before scoring: say it at once
         raise MoetuneError(f"cannot prune {info.model_type}: {_BLOCKED[info.model_type]}")
@@ -219,6 +219,15 @@ def prune(model_path: str, data_path: str, out_dir: str, *, keep: float, score: 
     }
     (out / "prune_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _saved_dtype(model_path: str, read_config) -> str:
+    try:
+        dtype = read_config(model_path).dtype
+    except MoetuneError as err:
+        raise MoetuneError(f"model {model_path!r}: {err}") from None
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in ("bfloat16", "float16", "float32") else "float32"
 
 
 def format_prune_report(report: dict[str, Any]) -> str:

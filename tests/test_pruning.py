@@ -143,3 +143,24 @@ def test_prune_command_writes_checkpoint_and_report(tiny_model_dir, tmp_path, ca
         scores = report["scores"][layer]
         assert max(scores[e] for e in removed) <= min(scores[e] for e in report["kept"][layer])
     assert describe_moe(AutoModelForCausalLM.from_pretrained(out)).num_experts == 2
+
+
+def test_prune_keeps_the_checkpoint_dtype_and_names_a_folder_without_tokenizer(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from moetune.cli import main
+
+    data = str(REPO / "recipes/data/demo_train.jsonl")
+    source = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen3_moe"), dtype=torch.bfloat16).save_pretrained(source)
+    assert main(["prune", str(source), data, str(tmp_path / "x"), "--keep", "2", "--max-tokens", "200"]) != 0
+    error = capsys.readouterr().err
+    assert "tokenizer" in error and str(source) in error and "Traceback" not in error
+    assert not (tmp_path / "x").exists()  # nothing written before the mistake was found
+    for file in tiny_model_dir("qwen3_moe").iterdir():
+        if file.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(file, source / file.name)
+    assert main(["prune", str(source), data, str(tmp_path / "out"), "--keep", "2", "--max-tokens", "200"]) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert describe_moe(reloaded).num_experts == 2
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
