@@ -12,13 +12,13 @@ malformed, too long, per split), `trainer_state.json` and the routing report (ro
 
 import json
 import logging
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from moetune.config import Recipe, dump_recipe, load_recipe
 from moetune.errors import MoetuneError, RecipeError
-from moetune.launch_check import check_launch, describe_launch
+from moetune.launch_check import LaunchReport, check_launch
 from moetune.run_dir import RunDir, write_atomic
 
 
@@ -86,7 +86,8 @@ def finetune(
             run.set_status("running")
         trainer = build_trainer(recipe, args=args, data=data)
         check_launch(trainer.accelerator)  # a silent fallback to another mode is an error, not a different run
-        _say(state, describe_launch(trainer.accelerator))
+        # Once the trainer prepared (wrapped, sharded) the model: checked and said from its real parameters.
+        trainer.add_callback(LaunchReport(trainer, say=lambda line: _say(state, line)))
         _say(state, trainer.freeze_report.format_table())
         if trainer.expert_selection is not None:
             _say(state, trainer.expert_selection.format_table())
@@ -149,7 +150,11 @@ def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None)
     selection = prepare_expert_selection(model, recipe, data.train, tokenizer)  # None without `experts`
     # MoETrainer installs the router controls (jitter, fp32 router, expert dropout) on the modules that train,
     # adds the aux/z losses and, with moe.telemetry, the RoutingTelemetry callback (routing.json/png).
-    with progress_bars(False):  # TRL's "Building labels / Truncating / Dropping" passes over data that is ready
+    from moetune.cpu_fsdp import fsdp_on_cpu
+    from moetune.distributed import needs_cpu_fsdp_shim
+
+    shim = fsdp_on_cpu() if needs_cpu_fsdp_shim(recipe) else nullcontext()  # FSDP2 on CPU ranks (see cpu_fsdp.py)
+    with progress_bars(False), shim:  # TRL's "Building labels / Truncating / Dropping" passes over data that is ready
         trainer = MoETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                              processing_class=tokenizer, moe=recipe.moe)
     # One compact line per logging step instead of the raw log dict (moetune/console.py, docs/metrics.md).
@@ -337,6 +342,9 @@ def sft_config(recipe: Recipe, *, has_eval: bool, resume: bool = False):
         kwargs["fp16"] = recipe.model.dtype == "float16" and cuda
     if not {"gradient_checkpointing", "activation_checkpointing"} & recipe.train.keys():
         kwargs["activation_checkpointing"] = cuda
+    from moetune.distributed import trainer_arguments
+
+    kwargs.update(trainer_arguments(recipe))  # fsdp / deepspeed for a non-auto `distributed.strategy`
     kwargs.update(recipe.train)
     try:
         return SFTConfig(**kwargs)
