@@ -74,7 +74,17 @@ def resolved_strategy(recipe: Recipe, environ: Mapping[str, str] = os.environ) -
     if strategy != "auto":
         return strategy
     if engine == "fsdp":
-        return "fsdp2" if environ.get("FSDP_VERSION", "1") == "2" else "fsdp1"
+        if environ.get("FSDP_VERSION", "1") == "2":
+            return "fsdp2"
+        import torch
+
+        if not torch.cuda.is_available():  # accelerate would stop with a RuntimeError traceback in its FSDP plugin
+            raise MoetuneError(
+                f"the launcher asked for FSDP version {environ.get('FSDP_VERSION', '1')} (ACCELERATE_USE_FSDP=true, "
+                "FSDP_VERSION), which accelerate cannot run on CPU ranks; moetune runs FSDP2 there: launch with "
+                "`--fsdp_version 2`, or set `distributed.strategy: fsdp2` and drop the FSDP flags"
+            )
+        return "fsdp1"
     return engine or "ddp"
 
 
@@ -89,6 +99,17 @@ def trainer_arguments(recipe: Recipe, environ: Mapping[str, str] = os.environ) -
     from moetune.deepspeed_setup import deepspeed_arguments
 
     return deepspeed_arguments(recipe)
+
+
+def full_state_dict_for_save(trainer) -> None:
+    """Make the trainer's next `save_model` write one consolidated model or adapter under FSDP.
+
+    With SHARDED_STATE_DICT (accelerate's default for an FSDP launch) `Trainer.save_model` writes nothing at all;
+    the final model must load on one process, so it is gathered whatever the checkpoints use.
+    """
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        plugin.set_state_dict_type("FULL_STATE_DICT")
 
 
 def model_load_arguments(recipe: Recipe) -> dict[str, Any]:

@@ -199,6 +199,9 @@ def _train_and_save(trainer, recipe: Recipe, run: RunDir, state, checkpoint: Pat
         if state.is_main_process:
             tokenizer.save_pretrained(str(run.path))
     else:
+        from moetune.distributed import full_state_dict_for_save
+
+        full_state_dict_for_save(trainer)  # FSDP: one consolidated model/adapter, whatever the checkpoints use
         trainer.save_model(str(run.path))  # adapter (PEFT layout) or full model + tokenizer; main process only
     save_expert_selection(trainer, run.path)  # ESFT: expert_selection.json (+ the selected slices when full)
     trainer.save_state()
