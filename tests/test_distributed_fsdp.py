@@ -163,6 +163,130 @@ def _fsdp2_held(report: dict) -> None:
         e["type"] == "DTensor" and e["shape"][0] == 4 and e["local_shape"][0] == 2 for e in report["experts"].values())
 
 
+# ---------------------------------------------------------------------------------------- default tier: the rules
+
+
+def _base(**sections) -> dict:
+    recipe = {"model": {"name_or_path": "org/model"}, "data": {"train": DEMO_TRAIN}, "output": {"dir": "out"}}
+    recipe.update(sections)
+    return recipe
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"distributed": {"strategy": "fsdp2"}, "train": {"fsdp": "full_shard", "fsdp_config": {"version": 2}}},
+     "`train.fsdp`, `train.fsdp_config` and `distributed.strategy: fsdp2` both choose the distributed engine"),
+    ({"distributed": {"strategy": "ddp"}, "train": {"deepspeed": "ds.json"}},
+     "`train.deepspeed` and `distributed.strategy: ddp` both choose"),
+    ({"distributed": {"strategy": "fsdp2"}, "lora": {}, "quantization": {}},
+     "`quantization` cannot be used with `distributed.strategy: fsdp2`"),
+    ({"distributed": {"strategy": "fsdp2"}, "experts": {}},
+     "`experts` (ESFT) cannot be used with `distributed.strategy: fsdp2`"),
+    ({"distributed": {"strategy": "fsdp"}},
+     "`distributed.strategy`: got 'fsdp'; allowed: 'auto', 'ddp', 'fsdp2', 'zero2' or 'zero3'"),
+])
+def test_distributed_recipe_rules(sections, message):
+    from moetune.config import load_recipe
+    from moetune.errors import RecipeError
+
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_base(**sections))
+    assert message in str(err.value)
+
+
+def test_auto_leaves_the_engine_keys_to_the_recipe():
+    from moetune.config import load_recipe
+
+    load_recipe(_base(train={"fsdp": "full_shard"}))  # strategy auto: the user's own engine settings stand
+    load_recipe(_base(distributed={"strategy": "ddp"}, lora={}, quantization={}))  # QLoRA under DDP is fine
+
+
+def test_strategy_against_the_launcher():
+    from moetune.config import load_recipe
+    from moetune.distributed import FSDP2_CONFIG, resolved_strategy, trainer_arguments
+    from moetune.errors import MoetuneError
+
+    fsdp2, auto = load_recipe(_base(distributed={"strategy": "fsdp2"})), load_recipe(_base())
+    two = {"WORLD_SIZE": "2"}
+    assert resolved_strategy(fsdp2, {}) == "single" and trainer_arguments(fsdp2, {}) == {}  # one process: no engine
+    assert trainer_arguments(fsdp2, two) == {"fsdp": True, "fsdp_config": FSDP2_CONFIG}
+    assert resolved_strategy(auto, two) == "ddp" and trainer_arguments(auto, two) == {}
+    assert resolved_strategy(auto, {**two, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}) == "fsdp2"
+    assert resolved_strategy(fsdp2, {**two, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}) == "fsdp2"
+    with pytest.raises(MoetuneError, match=r"`distributed.strategy` is 'fsdp2' but the launcher asked for DEEPSPEED"):
+        resolved_strategy(fsdp2, {**two, "ACCELERATE_USE_DEEPSPEED": "true"})
+    with pytest.raises(MoetuneError, match="asked for FSDP version 1"):
+        resolved_strategy(fsdp2, {**two, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
+    ddp = load_recipe(_base(distributed={"strategy": "ddp"}))
+    with pytest.raises(MoetuneError, match="'ddp' but the launcher asked for FSDP"):
+        resolved_strategy(ddp, {**two, "ACCELERATE_USE_FSDP": "true"})
+
+
+def test_fsdp2_becomes_trainer_fsdp_version_2_with_layer_wrapping(monkeypatch, tmp_path):
+    from trl import SFTConfig
+
+    from moetune.config import load_recipe
+    from moetune.distributed import trainer_arguments
+
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # TrainingArguments writes it; restored after
+    kwargs = trainer_arguments(load_recipe(_base(distributed={"strategy": "fsdp2"})), {"WORLD_SIZE": "2"})
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)  # as sft_config builds it
+    assert args.fsdp_plugin_args["fsdp_version"] == 2
+    # No class named: accelerate wraps the model's _no_split_modules (its decoder layers, experts inside).
+    assert args.fsdp_plugin_args["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert "transformer_cls_names_to_wrap" not in args.fsdp_plugin_args
+    assert args.fsdp_plugin_args["state_dict_type"] == "FULL_STATE_DICT"
+
+
+def test_cpu_fsdp_shim_is_gated_and_scoped(monkeypatch):
+    import accelerate
+    from accelerate.state import AcceleratorState
+
+    from moetune.cpu_fsdp import fsdp_on_cpu
+    from moetune.errors import MoetuneError
+
+    original = AcceleratorState.__init__
+    with fsdp_on_cpu():
+        assert AcceleratorState.__init__ is not original
+    assert AcceleratorState.__init__ is original
+    monkeypatch.setattr(accelerate, "__version__", "9.9.9")
+    with pytest.raises(MoetuneError, match=r"verified only with accelerate 1\.15\.0 \(installed: 9\.9\.9\)"):
+        with fsdp_on_cpu():
+            pass
+
+
+def test_cpu_fsdp_shim_still_needed():
+    """Fails once accelerate turns MULTI_CPU + an FSDP plugin into FSDP by itself: then delete moetune/cpu_fsdp.py."""
+    import inspect
+
+    from accelerate.state import AcceleratorState
+
+    source = inspect.getsource(AcceleratorState.__init__)
+    gpu_like = source[source.index("elif self.distributed_type in ["):source.index('"ACCELERATE_USE_FSDP"')]
+    assert "DistributedType.MULTI_GPU" in gpu_like and "MULTI_CPU" not in gpu_like
+
+
+def test_routing_counts_sum_over_ranks(monkeypatch):
+    """The reduction itself, with a stand-in for a second rank that saw other tokens."""
+    import torch
+    import torch.distributed as dist
+
+    from moetune import telemetry
+
+    counts = telemetry._Counts(4)
+    counts.add(torch.softmax(torch.randn(6, 4), -1), torch.tensor([[0, 1]] * 6), None)
+    other = torch.tensor([1.0, 0, 3, 0, 2, 0, 1, 1, 0.5, 2])  # slots, first choices, entropy sum, tokens
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", lambda t: t.add_(other.to(t.dtype)))
+    summed = telemetry._summed({0: counts})[0]
+    assert summed.slots.tolist() == [7.0, 6.0, 3.0, 0.0] and summed.tokens == 8.0
+    assert counts.slots.tolist() == [6.0, 6.0, 0.0, 0.0]  # the rank's own counts stay its own
+
+
+# ------------------------------------------------------------------------------- slow tier: 2 CPU ranks over gloo
+
+
 @pytest.mark.slow
 def test_fsdp2_lora_on_two_cpu_ranks(tiny_model_dir, tmp_path):
     lora = {"r": 4, "targets": ["attention", "experts"]}
