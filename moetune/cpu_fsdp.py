@@ -2,10 +2,10 @@
 
 Why this exists: `AcceleratorState.__init__` turns a launch into FSDP only when its base type is a GPU-like
 `MULTI_*` (MULTI_GPU, MULTI_XPU, ...); MULTI_CPU is left out of that list, so on CPU ranks an FSDP plugin is
-dropped and the run silently trains as DDP (docs/upstream.md#accelerate-cpu). Nothing else in the path needs a GPU:
-torch's `fully_shard` runs on a CPU device mesh over gloo, and accelerate's `fsdp2_prepare_model`, its FULL/SHARDED
-state-dict saving and transformers' Trainer work unchanged once the state says FSDP (measured on 2 CPU ranks:
-tests/test_distributed_fsdp.py). So moetune repeats the skipped branch for MULTI_CPU (the same three assignments
+dropped and the run silently trains as DDP (docs/upstream.md#accelerate-fsdp2-cpu). Nothing else in the path needs a GPU:
+torch's `fully_shard` runs on a CPU device mesh over gloo, and accelerate's `fsdp2_prepare_model`, its
+FULL_STATE_DICT saving and loading and transformers' Trainer work unchanged once the state says FSDP (measured on 2 CPU ranks, LoRA and full
+fine-tuning, resume and the consolidated save: tests/test_distributed_fsdp.py). So moetune repeats the skipped branch for MULTI_CPU (the same three assignments
 accelerate makes for GPUs) and nothing more.
 
 The patch is scoped (a context manager that restores the original) and gated to the accelerate versions it was
