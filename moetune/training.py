@@ -207,7 +207,8 @@ def _train_and_save(trainer, recipe: Recipe, run: RunDir, state, checkpoint: Pat
     trainer.save_state()
     if state.is_main_process:
         _finish_run_dir(recipe, run, metrics, data, trainer.state.global_step)
-    if prompts and state.is_main_process:
+    # A sharded model (FSDP, DeepSpeed) generates only with every rank taking part in its forwards.
+    if prompts and (state.is_main_process or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         _say(state, "Sample generations after training:\n" + format_samples(generate(model, tokenizer, prompts), tokenizer))
     if recipe.output.push_to_hub and state.is_main_process:
         from moetune.hub import push_run

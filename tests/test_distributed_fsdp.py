@@ -46,7 +46,8 @@ def _env() -> dict:
     return env
 
 
-def _recipe(path: Path, model_dir, out: Path, *, strategy: str, lora: dict | None, train: dict) -> Path:
+def _recipe(path: Path, model_dir, out: Path, *, strategy: str, lora: dict | None, train: dict,
+            samples: bool = False) -> Path:
     recipe = {
         "model": {"name_or_path": str(model_dir), "dtype": "float32"},
         "data": {"train": DEMO_TRAIN, "max_length": 64},
@@ -55,6 +56,9 @@ def _recipe(path: Path, model_dir, out: Path, *, strategy: str, lora: dict | Non
         "train": {**TRAIN, **train},
         "output": {"dir": str(out)},
     }
+    if samples:  # eval before/after and sample answers: a sharded model's forwards need every rank
+        recipe["data"]["eval"] = str(REPO / "recipes/data/demo_eval.jsonl")
+        recipe["output"]["sample_prompts"] = 1
     if lora is not None:
         recipe["lora"] = lora
     else:
@@ -121,11 +125,12 @@ def _logits(out: Path):
         return model(input_ids=torch.arange(3, 40).reshape(1, -1)).logits.float()
 
 
-def _train_both(tmp_path, model_dir, *, strategy: str, lora: dict | None, launch=_one_node, resume_launch=_torchrun):
+def _train_both(tmp_path, model_dir, *, strategy: str, lora: dict | None, launch=_one_node, resume_launch=_torchrun,
+                samples: bool = False):
     """2 ranks: 2 steps with `moetune train`, then --resume to 4 in the worker; and the one-process reference."""
     ranks_out, ref_out = tmp_path / "ranks", tmp_path / "one"
     recipe = _recipe(tmp_path / "ranks.yaml", model_dir, ranks_out, strategy=strategy, lora=lora,
-                     train={"max_steps": 2})
+                     train={"max_steps": 2}, samples=samples)
     first = launch(["-m", "moetune", "train", str(recipe)], tmp_path)
     report_path = tmp_path / "report.json"
     resume_launch([str(REPO / "tests/dist_worker.py"), str(recipe), str(report_path), "--resume", "train.max_steps=4"],
@@ -290,8 +295,10 @@ def test_routing_counts_sum_over_ranks(monkeypatch):
 @pytest.mark.slow
 def test_fsdp2_lora_on_two_cpu_ranks(tiny_model_dir, tmp_path):
     lora = {"r": 4, "targets": ["attention", "experts"]}
-    first, report, ranks_out, ref_out = _train_both(tmp_path, tiny_model_dir("mixtral"), strategy="fsdp2", lora=lora)
+    first, report, ranks_out, ref_out = _train_both(tmp_path, tiny_model_dir("mixtral"), strategy="fsdp2", lora=lora,
+                                                    samples=True)
     assert first.stdout.count("distributed: FSDP, world size 2, backend gloo, ") == 1
+    assert first.stdout.count("Sample generations after training:") == 1  # all ranks generated, the main one said it
     assert "experts sharded over 2 ranks (E/2 per rank: 2 of 4)" in first.stdout
     _fsdp2_held(report)
     assert (ranks_out / "adapter_model.safetensors").is_file() and not (ranks_out / "model.safetensors").exists()
