@@ -79,10 +79,22 @@ def _is_fused_expert(name: str, param) -> bool:
     return param.dim() == 3 and ".experts." in f".{name}"
 
 
-def check_launch(accelerator, environ=os.environ) -> None:
-    """Raise `MoetuneError` when the run is not what the launcher asked for (instead of a different run)."""
+# What accelerate's state must say for each strategy moetune resolved (moetune.distributed.resolved_strategy).
+_STRATEGY_TYPES = {"ddp": ("MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_HPU"), "fsdp2": ("FSDP",),
+                   "fsdp1": ("FSDP",), "zero2": ("DEEPSPEED",), "zero3": ("DEEPSPEED",), "deepspeed": ("DEEPSPEED",)}
+# ("single", one process, is not checked: accelerate may still run one-process FSDP or DeepSpeed on a GPU.)
+
+
+def check_launch(accelerator, environ=os.environ, strategy: str | None = None) -> None:
+    """Raise `MoetuneError` when the run is not what the launcher (or the recipe's resolved `distributed.strategy`)
+    asked for, instead of a different run."""
     state = accelerator.state
     kind = _kind(state)
+    if strategy is not None and kind not in _STRATEGY_TYPES.get(strategy, (kind,)):
+        raise MoetuneError(
+            f"the recipe asks for `distributed.strategy: {strategy}` but accelerate set up {kind} with "
+            f"{state.num_processes} process(es): training would silently run as {kind}. {_CPU_HINT}"
+        )
     for flag, wanted in _REQUESTED.items():
         if _truthy(environ.get(flag)) and kind != wanted:
             raise MoetuneError(

@@ -85,7 +85,10 @@ def finetune(
             write_atomic(run.path / "recipe.yaml", dump_recipe(recipe))
             run.set_status("running")
         trainer = build_trainer(recipe, args=args, data=data)
-        check_launch(trainer.accelerator)  # a silent fallback to another mode is an error, not a different run
+        from moetune.distributed import resolved_strategy
+
+        # A silent fallback to another mode is an error, not a different run.
+        check_launch(trainer.accelerator, strategy=resolved_strategy(recipe))
         # Once the trainer prepared (wrapped, sharded) the model: checked and said from its real parameters.
         trainer.add_callback(LaunchReport(trainer, say=lambda line: _say(state, line)))
         _say(state, trainer.freeze_report.format_table())

@@ -76,6 +76,10 @@ def test_unrelated_processes_are_an_error(monkeypatch):
     with pytest.raises(MoetuneError, match="asked for DEEPSPEED"):
         check_launch(alone, environ={"ACCELERATE_USE_DEEPSPEED": "true"})
     check_launch(alone, environ={})
+    ddp = SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2))
+    with pytest.raises(MoetuneError, match="asks for `distributed.strategy: fsdp2` but accelerate set up MULTI_CPU"):
+        check_launch(ddp, environ={"WORLD_SIZE": "2"}, strategy="fsdp2")
+    check_launch(ddp, environ={"WORLD_SIZE": "2"}, strategy="ddp")
 
 
 def test_prepared_model_must_match_the_distributed_type():
