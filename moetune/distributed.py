@@ -112,6 +112,27 @@ def full_state_dict_for_save(trainer) -> None:
         plugin.set_state_dict_type("FULL_STATE_DICT")
 
 
+def keep_routers_fp32(trainer, recipe: Recipe) -> None:
+    """FSDP2 with bf16/fp16 mixed precision: each router becomes its own FSDP2 unit that computes in fp32.
+
+    accelerate gives every FSDP2 unit one MixedPrecisionPolicy, which casts all of a decoder layer's parameters,
+    router included, to bf16 for the forward; `moe.router_fp32` (the router's matmul in fp32) then meets a bf16
+    weight and fails ("expected m1 and m2 to have the same dtype"). Sharding the routers first, with an fp32 policy,
+    keeps them out of their layer's unit (accelerate skips modules that are already FSDP2 units).
+    Must run before the trainer prepares the model, on every rank.
+    """
+    if not (trainer.is_fsdp_enabled and recipe.moe.router_fp32 and (trainer.args.bf16 or trainer.args.fp16)):
+        return
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from moetune.architectures import find_moe_layers
+
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    for layer in find_moe_layers(trainer.model):
+        fully_shard(layer.router, mp_policy=fp32, reshard_after_forward=True)
+
+
 def model_load_arguments(recipe: Recipe) -> dict[str, Any]:
     """Extra `from_pretrained` keyword arguments: expert parallelism is chosen when the model loads."""
     if recipe.distributed.expert_parallel == 1:

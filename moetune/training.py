@@ -154,12 +154,13 @@ def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None)
     # MoETrainer installs the router controls (jitter, fp32 router, expert dropout) on the modules that train,
     # adds the aux/z losses and, with moe.telemetry, the RoutingTelemetry callback (routing.json/png).
     from moetune.cpu_fsdp import fsdp_on_cpu
-    from moetune.distributed import needs_cpu_fsdp_shim
+    from moetune.distributed import keep_routers_fp32, needs_cpu_fsdp_shim
 
     shim = fsdp_on_cpu() if needs_cpu_fsdp_shim(recipe) else nullcontext()  # FSDP2 on CPU ranks (see cpu_fsdp.py)
     with progress_bars(False), shim:  # TRL's "Building labels / Truncating / Dropping" passes over data that is ready
         trainer = MoETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                              processing_class=tokenizer, moe=recipe.moe)
+    keep_routers_fp32(trainer, recipe)  # FSDP2 + bf16: routers as their own fp32 units (see distributed.py)
     # One compact line per logging step instead of the raw log dict (moetune/console.py, docs/metrics.md).
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 

@@ -36,15 +36,22 @@ def main() -> None:
     experts = {n: {"type": type(p).__name__, "shape": list(p.shape),
                    "local_shape": list(p.to_local().shape if isinstance(p, DTensor) else p.shape)}
                for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in n}
+    from moetune.architectures import find_moe_layers
+
+    router_dtypes = []  # what each router's logits come out as (moe.router_fp32 must hold under FSDP2 bf16 too)
+    hooks = [layer.router.register_forward_hook(lambda m, i, out: router_dtypes.append(str(out[0].dtype)))
+             for layer in find_moe_layers(trainer.model)]
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=torch.arange(3, 40).reshape(1, -1)).logits
+    for hook in hooks:
+        hook.remove()
     if state.is_main_process:
         report.write_text(json.dumps({
             "distributed_type": state.distributed_type.name, "world_size": state.num_processes,
             "backend": state.backend, "wrapper": type(model).__name__, "experts": experts,
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-            "logits": logits.float().tolist(),
+            "logits": logits.float().tolist(), "router_dtypes": router_dtypes,
         }))
 
 

@@ -16,6 +16,7 @@ tokens.
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -333,3 +334,16 @@ def test_two_node_ddp_on_localhost(tiny_model_dir, tmp_path):
                                                                                      "DistributedDataParallel")
     assert all(e["type"] == "Parameter" and e["local_shape"][0] == 4 for e in report["experts"].values())
     _check_against_one_process(report, ranks_out, ref_out)
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_keeps_the_routers_in_fp32(tiny_model_dir, tmp_path):
+    """bf16 mixed precision casts a whole FSDP2 unit to bf16; the routers must still compute in fp32."""
+    recipe = _recipe(tmp_path / "bf16.yaml", tiny_model_dir("mixtral"), tmp_path / "out", strategy="fsdp2", lora=None,
+                     train={"max_steps": 1, "save_steps": 10})
+    recipe.write_text(recipe.read_text().replace("dtype: float32", "dtype: bfloat16"))
+    _torchrun([str(REPO / "tests/dist_worker.py"), str(recipe), str(tmp_path / "report.json")], tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    _fsdp2_held(report)
+    assert report["router_dtypes"] == ["torch.float32", "torch.float32"]  # both MoE layers
+    assert all(math.isfinite(loss) for loss in report["losses"]) and len(report["losses"]) == 1
