@@ -183,7 +183,7 @@ def check_cross(raw: dict) -> list[str]:
 
 
 # `train` keys that pick a distributed engine: `distributed.strategy` does that when it is not auto.
-ENGINE_TRAIN_KEYS = ("fsdp", "fsdp_config", "deepspeed", "accelerator_config")
+ENGINE_TRAIN_KEYS = ("fsdp", "fsdp_config", "deepspeed")
 
 
 def _check_distributed(raw: dict) -> list[str]:
