@@ -305,11 +305,16 @@ def test_fsdp2_lora_on_two_cpu_ranks(tiny_model_dir, tmp_path):
     assert (ranks_out / "adapter_model.safetensors").is_file() and not (ranks_out / "model.safetensors").exists()
     _check_against_one_process(report, ranks_out, ref_out)
     # The adapter is plain PEFT: it loads onto the base with PeftModel.from_pretrained.
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir("mixtral"), dtype="float32")
-    assert isinstance(PeftModel.from_pretrained(base, str(ranks_out)), PeftModel)
+    peft_model = PeftModel.from_pretrained(base, str(ranks_out)).eval()
+    with torch.no_grad():
+        logits = peft_model(input_ids=torch.arange(3, 40).reshape(1, -1)).logits
+    # Plain PEFT leaves the router in the checkpoint's dtype (fp32 here, as moetune keeps it): the same logits.
+    assert torch.allclose(logits, torch.tensor(report["logits"]), atol=1e-5)
 
 
 @pytest.mark.slow
