@@ -148,10 +148,13 @@ class OutputSection(Strict):
 class DistributedSection(Strict):
     strategy: Literal["auto", "ddp", "fsdp2", "zero2", "zero3"] = "auto"
     """How several ranks share the model. auto: what the launcher set up (an accelerate config or flags; DDP when
-    it set up nothing else). ddp, fsdp2 (decoder layers sharded, a layer's experts gathered together), zero2
-    (optimizer state and gradients partitioned), zero3 (weights too, each MoE block one ZeRO-3 leaf): moetune
-    configures the engine itself, so `torchrun` or a plain `accelerate launch --num_processes N` runs it, and a
-    launcher asking for a different one is an error. zero2/zero3 need `pip install moetune[deepspeed]`."""
+    it set up nothing else). ddp; fsdp2 (each decoder layer one FSDP2 unit, its fused experts sharded along the
+    expert dimension, E/N per rank, and gathered together while the layer runs; checkpoints and the final save
+    consolidated; runs on CPU ranks too; not with `quantization` or `experts`); zero2 (optimizer state and
+    gradients partitioned), zero3 (weights too, each MoE block one ZeRO-3 leaf). Set to anything but auto, moetune
+    configures the engine itself, so `torchrun` or a plain `accelerate launch --num_processes N` runs it, a launcher
+    asking for a different one is an error, and `train.fsdp` / `train.deepspeed` must not be set. zero2/zero3 need
+    `pip install moetune[deepspeed]`. See docs/distributed.md."""
     expert_parallel: int = Field(1, ge=1)
     """Ranks that each MoE layer's experts are split over (transformers' expert parallelism: each rank holds
     num_experts / N experts and tokens travel to their experts by all-to-all). 1: every rank holds every expert."""

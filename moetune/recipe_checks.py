@@ -174,10 +174,43 @@ def check_cross(raw: dict) -> list[str]:
                             f"`lora.targets` must include experts (got {targets}); or drop `lora` to train them in full")
     if raw.get("quantization") is not None and raw.get("lora") is None:
         problems.append("`quantization` needs a `lora` section: 4-bit weights cannot be trained or saved in full (QLoRA)")
+    problems += _check_distributed(raw)
     train = raw.get("train")
     strategy = train.get("eval_strategy", "no") if isinstance(train, dict) else "no"
     if strategy != "no" and not _sub(raw, "data").get("eval"):
         problems.append(f"`train.eval_strategy` is {strategy!r} but `data.eval` is not set")
+    return problems
+
+
+# `train` keys that pick a distributed engine: `distributed.strategy` does that when it is not auto.
+ENGINE_TRAIN_KEYS = ("fsdp", "fsdp_config", "deepspeed")
+
+
+def _check_distributed(raw: dict) -> list[str]:
+    strategy = _sub(raw, "distributed").get("strategy", "auto")
+    if strategy == "auto" or not isinstance(strategy, str):
+        return []
+    problems = []
+    train = _sub(raw, "train")
+    engine_keys = [f"`train.{key}`" for key in ENGINE_TRAIN_KEYS if train.get(key) not in (None, "", False, {})]
+    if engine_keys:
+        problems.append(
+            f"{', '.join(engine_keys)} and `distributed.strategy: {strategy}` both choose the distributed engine: "
+            "drop the train key(s), or set `distributed.strategy: auto` to configure the engine yourself"
+        )
+    if strategy == "fsdp2" and raw.get("quantization") is not None:
+        problems.append(
+            "`quantization` cannot be used with `distributed.strategy: fsdp2`: FSDP2 shards parameters as DTensors "
+            "and bitsandbytes 4-bit weights cannot be sharded that way; use `distributed.strategy: ddp` (each rank "
+            "holds the whole 4-bit model) or drop `quantization`"
+        )
+    if strategy == "fsdp2" and raw.get("experts") is not None:
+        problems.append(
+            "`experts` (ESFT) cannot be used with `distributed.strategy: fsdp2`: its expert mask hooks the whole [E, ...] "
+            "expert weights to keep the unselected experts' rows unchanged, and FSDP2 replaces those weights with "
+            "per-rank shards, so the mask would silently stop working; use "
+            "`distributed.strategy: ddp`, or drop `experts`"
+        )
     return problems
 
 

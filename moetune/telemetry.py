@@ -141,7 +141,7 @@ class RoutingTelemetry(TrainerCallback):
         """Summarize and reset the current interval; returns the `routing/*` metrics for the trackers."""
         if not self.interval:
             return {}
-        summaries = [counts.summary(layer) for layer, counts in sorted(self.interval.items())]
+        summaries = [counts.summary(layer) for layer, counts in sorted(_summed(self.interval).items())]
         self.interval = {}
         if not self.alive_at_start:
             self.alive_at_start = {s["layer"]: set(range(self.info.num_experts)) - set(s["dead_experts"]) for s in summaries}
@@ -178,7 +178,7 @@ class RoutingTelemetry(TrainerCallback):
         """Whole-run statistics per layer, the logging-step history and every warning, as a JSON-able dict."""
         if self.interval:  # fold a pending interval into the history so its collapse checks run too
             self.log_metrics(step=None)
-        layers = [counts.summary(layer) for layer, counts in sorted(self.total.items())]
+        layers = [counts.summary(layer) for layer, counts in sorted(_summed(self.total).items())]
         self._check(layers)
         info = self.info
         return {
@@ -203,8 +203,30 @@ class RoutingTelemetry(TrainerCallback):
             logs.update(self.log_metrics(step=state.global_step))
 
     def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.total:
-            write_routing_report(self.report(), args.output_dir)
+        if self.total:
+            report = self.report()  # on every rank: it sums the ranks' counts
+            if state.is_world_process_zero:
+                write_routing_report(report, args.output_dir)
+
+
+def _summed(counts: dict[int, _Counts]) -> dict[int, _Counts]:
+    """Every rank's counts summed (a copy): the statistics describe all the tokens trained on, not rank 0's share.
+    Every rank must call it at the same point; on one process it returns `counts` as they are."""
+    from moetune.distributed import sum_across_ranks
+
+    layers = sorted(counts)
+    rows = [torch.cat([counts[k].slots, counts[k].first, torch.tensor([counts[k].entropy_sum, counts[k].tokens],
+                                                                       dtype=torch.float64)]) for k in layers]
+    summed_rows = sum_across_ranks(rows)
+    if summed_rows is rows:
+        return counts
+    summed = {}
+    for layer, row in zip(layers, summed_rows):
+        n = counts[layer].slots.numel()
+        summed[layer] = total = _Counts(n)
+        total.slots, total.first = row[:n], row[n:2 * n]
+        total.entropy_sum, total.tokens = float(row[2 * n]), float(row[2 * n + 1])
+    return summed
 
 
 def write_routing_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:

@@ -137,7 +137,7 @@ class MoETrainer(SFTTrainer):
         trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         if not trained:
             return
-        norms = torch.stack([torch.linalg.vector_norm(p.detach().float()) for _, p in trained])
+        norms = torch.stack([_full(torch.linalg.vector_norm(p.detach().float())) for _, p in trained])
         bad = [name for (name, _), ok in zip(trained, torch.isfinite(norms).tolist()) if not ok]
         if bad:
             self._diverged("weights", float("nan"), f"{len(bad)} trained tensor(s) non-finite before the {where} "
@@ -206,3 +206,11 @@ class MoETrainer(SFTTrainer):
         if self._count == 0:
             return {}
         return {key: value / self._count for key, value in self._sums.items()}
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: FSDP2 holds parameters as DTensors, whose norm is a DTensor (reduced over the ranks here,
+    so every rank sees the same value and stops together)."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value

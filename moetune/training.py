@@ -12,13 +12,13 @@ malformed, too long, per split), `trainer_state.json` and the routing report (ro
 
 import json
 import logging
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from moetune.config import Recipe, dump_recipe, load_recipe
 from moetune.errors import MoetuneError, RecipeError
-from moetune.launch_check import check_launch, describe_launch
+from moetune.launch_check import LaunchReport, check_launch
 from moetune.run_dir import RunDir, write_atomic
 
 
@@ -85,8 +85,12 @@ def finetune(
             write_atomic(run.path / "recipe.yaml", dump_recipe(recipe))
             run.set_status("running")
         trainer = build_trainer(recipe, args=args, data=data)
-        check_launch(trainer.accelerator)  # a silent fallback to another mode is an error, not a different run
-        _say(state, describe_launch(trainer.accelerator))
+        from moetune.distributed import resolved_strategy
+
+        # A silent fallback to another mode is an error, not a different run.
+        check_launch(trainer.accelerator, strategy=resolved_strategy(recipe))
+        # Once the trainer prepared (wrapped, sharded) the model: checked and said from its real parameters.
+        trainer.add_callback(LaunchReport(trainer, say=lambda line: _say(state, line)))
         _say(state, trainer.freeze_report.format_table())
         if trainer.expert_selection is not None:
             _say(state, trainer.expert_selection.format_table())
@@ -149,9 +153,14 @@ def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None)
     selection = prepare_expert_selection(model, recipe, data.train, tokenizer)  # None without `experts`
     # MoETrainer installs the router controls (jitter, fp32 router, expert dropout) on the modules that train,
     # adds the aux/z losses and, with moe.telemetry, the RoutingTelemetry callback (routing.json/png).
-    with progress_bars(False):  # TRL's "Building labels / Truncating / Dropping" passes over data that is ready
+    from moetune.cpu_fsdp import fsdp_on_cpu
+    from moetune.distributed import keep_routers_fp32, needs_cpu_fsdp_shim
+
+    shim = fsdp_on_cpu() if needs_cpu_fsdp_shim(recipe) else nullcontext()  # FSDP2 on CPU ranks (see cpu_fsdp.py)
+    with progress_bars(False), shim:  # TRL's "Building labels / Truncating / Dropping" passes over data that is ready
         trainer = MoETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                              processing_class=tokenizer, moe=recipe.moe)
+    keep_routers_fp32(trainer, recipe)  # FSDP2 + bf16: routers as their own fp32 units (see distributed.py)
     # One compact line per logging step instead of the raw log dict (moetune/console.py, docs/metrics.md).
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -194,12 +203,16 @@ def _train_and_save(trainer, recipe: Recipe, run: RunDir, state, checkpoint: Pat
         if state.is_main_process:
             tokenizer.save_pretrained(str(run.path))
     else:
+        from moetune.distributed import full_state_dict_for_save
+
+        full_state_dict_for_save(trainer)  # FSDP: one consolidated model/adapter, whatever the checkpoints use
         trainer.save_model(str(run.path))  # adapter (PEFT layout) or full model + tokenizer; main process only
     save_expert_selection(trainer, run.path)  # ESFT: expert_selection.json (+ the selected slices when full)
     trainer.save_state()
     if state.is_main_process:
         _finish_run_dir(recipe, run, metrics, data, trainer.state.global_step)
-    if prompts and state.is_main_process:
+    # A sharded model (FSDP, DeepSpeed) generates only with every rank taking part in its forwards.
+    if prompts and (state.is_main_process or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         _say(state, "Sample generations after training:\n" + format_samples(generate(model, tokenizer, prompts), tokenizer))
     if recipe.output.push_to_hub and state.is_main_process:
         from moetune.hub import push_run
@@ -337,6 +350,9 @@ def sft_config(recipe: Recipe, *, has_eval: bool, resume: bool = False):
         kwargs["fp16"] = recipe.model.dtype == "float16" and cuda
     if not {"gradient_checkpointing", "activation_checkpointing"} & recipe.train.keys():
         kwargs["activation_checkpointing"] = cuda
+    from moetune.distributed import trainer_arguments
+
+    kwargs.update(trainer_arguments(recipe))  # fsdp / deepspeed for a non-auto `distributed.strategy`
     kwargs.update(recipe.train)
     try:
         return SFTConfig(**kwargs)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 
@@ -34,10 +35,12 @@ def _launch(tmp_path, recipe: Path, *launcher: str) -> subprocess.CompletedProce
 
 
 @pytest.mark.slow
-def test_fsdp_on_cpu_ranks_is_an_error_not_a_ddp_run(tiny_model_dir, tmp_path):
-    result = _launch(tmp_path, _recipe(tmp_path, tiny_model_dir("mixtral")), "--use_fsdp", "--fsdp_version", "2")
+def test_fsdp1_on_cpu_ranks_is_an_error_not_a_ddp_run(tiny_model_dir, tmp_path):
+    # FSDP2 runs on CPU ranks (moetune/cpu_fsdp.py, tests/test_distributed_fsdp.py); FSDP1 cannot.
+    result = _launch(tmp_path, _recipe(tmp_path, tiny_model_dir("mixtral")), "--use_fsdp", "--fsdp_version", "1")
     assert result.returncode != 0
-    assert "asked for FSDP" in result.stderr and "would silently run as MULTI_CPU" in result.stderr
+    assert "the launcher asked for FSDP version 1" in result.stderr and "--fsdp_version 2" in result.stderr
+    assert "Traceback" not in result.stderr.split("moetune train: error:")[0]  # the error comes before any crash
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
@@ -45,8 +48,9 @@ def test_fsdp_on_cpu_ranks_is_an_error_not_a_ddp_run(tiny_model_dir, tmp_path):
 def test_ddp_on_cpu_ranks_says_what_runs(tiny_model_dir, tmp_path):
     result = _launch(tmp_path, _recipe(tmp_path, tiny_model_dir("mixtral")), "--multi_gpu")
     assert result.returncode == 0, result.stderr[-2000:]
-    line = "distributed: MULTI_CPU, world size 2, backend gloo, parameters and experts replicated on every rank (DDP)"
-    assert result.stdout.count(line) == 1  # said once, by the main process
+    line = ("distributed: MULTI_CPU, world size 2, backend gloo, parameters replicated on every rank (DDP, "
+            "DistributedDataParallel); experts whole on every rank (4 of 4)")
+    assert result.stdout.count(line) == 1  # said once, by the main process, read from the prepared model
     assert result.stdout.count("Done: ") == 1  # and the final summary once
 
 
@@ -54,7 +58,8 @@ def test_single_process_says_what_runs(tiny_model_dir, tmp_path, capsys):
     from moetune.cli import main
 
     assert main(["train", str(_recipe(tmp_path, tiny_model_dir("mixtral")))]) == 0
-    assert "distributed: NO, world size 1" in capsys.readouterr().out
+    assert "distributed: NO, world size 1, backend none, one process; experts whole on every rank (4 of 4)" in (
+        capsys.readouterr().out)
 
 
 def test_unrelated_processes_are_an_error(monkeypatch):
@@ -71,3 +76,27 @@ def test_unrelated_processes_are_an_error(monkeypatch):
     with pytest.raises(MoetuneError, match="asked for DEEPSPEED"):
         check_launch(alone, environ={"ACCELERATE_USE_DEEPSPEED": "true"})
     check_launch(alone, environ={})
+    ddp = SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2))
+    with pytest.raises(MoetuneError, match="asks for `distributed.strategy: fsdp2` but accelerate set up MULTI_CPU"):
+        check_launch(ddp, environ={"WORLD_SIZE": "2"}, strategy="fsdp2")
+    check_launch(ddp, environ={"WORLD_SIZE": "2"}, strategy="ddp")
+
+
+def test_prepared_model_must_match_the_distributed_type():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from torch import nn
+
+    from moetune.errors import MoetuneError
+    from moetune.launch_check import check_prepared, holding
+
+    model = nn.Module()
+    model.experts = nn.Module()
+    model.experts.gate_up_proj = nn.Parameter(torch.zeros(4, 8, 2))
+    with pytest.raises(MoetuneError, match="no parameter of the prepared Module is sharded"):
+        check_prepared(model, SimpleNamespace(distributed_type=DistributedType.FSDP))
+    with pytest.raises(MoetuneError, match="not DistributedDataParallel"):
+        check_prepared(model, SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+    check_prepared(model, SimpleNamespace(distributed_type=DistributedType.NO))
+    assert holding(model, 1) == "one process; experts whole on every rank (4 of 4)"
