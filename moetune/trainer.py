@@ -27,6 +27,14 @@ from moetune.telemetry import RoutingTelemetry
 logger = logging.getLogger(__name__)
 
 
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    # Expert parallelism: expert and non-expert weights are DTensors on different meshes, which torch.stack
+    # refuses to mix; the reduced norm is a plain number on every rank.
+    from torch.distributed.tensor import DTensor
+
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
 class MoETrainer(SFTTrainer):
     """SFTTrainer for sparse MoE models.
 
@@ -137,7 +145,7 @@ class MoETrainer(SFTTrainer):
         trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         if not trained:
             return
-        norms = torch.stack([torch.linalg.vector_norm(p.detach().float()) for _, p in trained])
+        norms = torch.stack([_full(torch.linalg.vector_norm(p.detach().float())) for _, p in trained])
         bad = [name for (name, _), ok in zip(trained, torch.isfinite(norms).tolist()) if not ok]
         if bad:
             self._diverged("weights", float("nan"), f"{len(bad)} trained tensor(s) non-finite before the {where} "

@@ -105,8 +105,15 @@ def check_recipe(recipe: Recipe, *, resume: bool = False):
     from moetune.loading import read_config
     from moetune.rules import is_local_model_path
 
+    config = None
     if is_local_model_path(recipe.model.name_or_path):  # a Hub id is only read when training (no network here)
-        read_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+        config = read_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    if recipe.distributed.expert_parallel > 1:
+        from accelerate import PartialState
+
+        from moetune.expert_parallel import check_expert_parallel
+
+        check_expert_parallel(recipe, PartialState().num_processes, config)  # before any weight is read
     return args
 
 
@@ -136,12 +143,17 @@ def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     args = args if args is not None else sft_config(recipe, has_eval=recipe.data.eval is not None)
     set_seed(args.seed)  # the trainer seeds only after the adapters exist; LoRA's init must repeat too (--resume)
-    model, tokenizer = load_model(recipe.model, recipe.quantization, router_fp32=recipe.moe.router_fp32)
+    model, tokenizer = load_model(recipe.model, recipe.quantization, router_fp32=recipe.moe.router_fp32,
+                                  distributed_config=_distributed_config(recipe))
     freeze_section = esft_freeze(recipe)  # `experts` (ESFT) without LoRA adds the routed experts
     if recipe.lora is not None:
         # Groups trained in full beside LoRA must travel in the adapter dir (PEFT's modules_to_save).
         model = add_adapters(model, recipe.lora, modules_to_save=modules_trained_in_full(model, freeze_section))
     report = freeze(model, freeze_section, lora_enabled=recipe.lora is not None)
+    if recipe.distributed.strategy == "zero3":
+        from moetune.deepspeed_setup import prepare_model
+
+        prepare_model(model, recipe)  # each MoE block one ZeRO-3 leaf: no hang when a rank's experts get no token
     if report.trainable == 0:
         raise MoetuneError("nothing to train: `freeze` leaves every parameter frozen and there are no LoRA adapters; "
                            "set `freeze.train` (e.g. [non_experts]) or add a `lora` section")
@@ -163,6 +175,17 @@ def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None)
     trainer.freeze_report, trainer.data_report = report, data.report
     attach_expert_selection(trainer, selection)  # trains only the selected experts (ExpertMask callback)
     return trainer
+
+
+def _distributed_config(recipe: Recipe):
+    """transformers' DistributedConfig for `distributed.expert_parallel` > 1 (experts sharded at load), else None."""
+    if recipe.distributed.expert_parallel == 1:
+        return None
+    from accelerate import PartialState
+
+    from moetune.expert_parallel import distributed_config
+
+    return distributed_config(recipe, PartialState().num_processes)
 
 
 def _train_and_save(trainer, recipe: Recipe, run: RunDir, state, checkpoint: Path | None, data) -> dict[str, Any]:
@@ -337,6 +360,14 @@ def sft_config(recipe: Recipe, *, has_eval: bool, resume: bool = False):
         kwargs["fp16"] = recipe.model.dtype == "float16" and cuda
     if not {"gradient_checkpointing", "activation_checkpointing"} & recipe.train.keys():
         kwargs["activation_checkpointing"] = cuda
+    if recipe.distributed.strategy in ("zero2", "zero3"):
+        from moetune.deepspeed_setup import deepspeed_arguments
+
+        kwargs.update(deepspeed_arguments(recipe))  # {"deepspeed": <config dict>}
+    if recipe.distributed.expert_parallel > 1:
+        from moetune.expert_parallel import trainer_arguments
+
+        kwargs.update(trainer_arguments(recipe, resume=resume))  # save_only_model; --resume refused
     kwargs.update(recipe.train)
     try:
         return SFTConfig(**kwargs)

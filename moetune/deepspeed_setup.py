@@ -1,0 +1,161 @@
+"""DeepSpeed ZeRO for `distributed.strategy: zero2|zero3`: moetune writes the DeepSpeed config itself.
+
+The config goes to trl.SFTConfig as `deepspeed=<dict>` (HF Trainer fills the "auto" values from the training
+arguments), so `torchrun` or a plain `accelerate launch --num_processes N -m moetune train RECIPE` runs it; no
+accelerate DeepSpeed config file is needed. On CPU ranks DeepSpeed runs over gloo (docs/upstream.md#deepspeed-cpu).
+
+ZeRO-3 partitions every weight and gathers a module's weights when its forward first touches them. An MoE block
+whose experts get no token on one rank would skip gathers that other ranks make, and the ranks would hang
+(DeepSpeed #4808): every family's MoE block is therefore declared a ZeRO-3 leaf (`set_z3_leaf_modules`), which
+gathers all of the block's parameters together on every rank (docs/upstream.md#zero3-moe-leaf).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from moetune.errors import MoetuneError, RecipeError
+
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from moetune.config import Recipe
+
+ZERO_STAGES = {"zero2": 2, "zero3": 3}
+INSTALL_HINT = "pip install moetune[deepspeed]"
+
+
+def require_deepspeed(strategy: str) -> None:
+    """Raise a one-line error (no traceback) when the `deepspeed` package is missing."""
+    from importlib.util import find_spec
+
+    if find_spec("deepspeed") is None:
+        raise MoetuneError(f"distributed.strategy={strategy!r} needs DeepSpeed, which is not installed: {INSTALL_HINT}")
+
+
+def check_deepspeed_recipe(recipe: Recipe) -> None:
+    """What ZeRO cannot combine with, said before anything loads. Raises RecipeError naming the key."""
+    strategy = recipe.distributed.strategy
+    if strategy not in ZERO_STAGES:
+        return
+    if recipe.quantization is not None:
+        raise RecipeError(
+            f"`quantization` cannot be combined with distributed.strategy={strategy!r}: DeepSpeed ZeRO does not "
+            "partition bitsandbytes 4-bit weights on CPU ranks; drop `quantization` or use "
+            "distributed.strategy: ddp (or auto)")
+    if "deepspeed" in recipe.train:
+        raise RecipeError(
+            f"`train.deepspeed` and distributed.strategy={strategy!r} both configure DeepSpeed; keep one (moetune "
+            "writes the DeepSpeed config itself for strategy zero2/zero3; use strategy: auto to pass your own)")
+
+
+def deepspeed_config(stage: int) -> dict[str, Any]:
+    """The DeepSpeed config dict. "auto" values are filled by HF Trainer from trl.SFTConfig (batch size,
+    accumulation, clipping, precision, optimizer/scheduler stay the Trainer's own)."""
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
+    if stage == 3:
+        # One consolidated 16-bit (model-dtype) state dict on save: the output dir holds a normal HF
+        # model / PEFT adapter, not only DeepSpeed's per-rank partitions.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "steps_per_print": 10**9,  # DeepSpeed's own progress lines; moetune prints its own
+        "wall_clock_breakdown": False,
+    }
+
+
+def deepspeed_arguments(recipe: Recipe) -> dict[str, Any]:
+    """Extra trl.SFTConfig kwargs for `distributed.strategy: zero2|zero3`; {} for any other strategy.
+
+    Raises:
+        MoetuneError: DeepSpeed is not installed.
+        RecipeError: a section ZeRO cannot combine with (see `check_deepspeed_recipe`).
+    """
+    strategy = recipe.distributed.strategy
+    if strategy not in ZERO_STAGES:
+        return {}
+    check_deepspeed_recipe(recipe)
+    require_deepspeed(strategy)
+    _init_distributed()
+    return {"deepspeed": deepspeed_config(ZERO_STAGES[strategy])}
+
+
+def _init_distributed() -> None:
+    """ZeRO-3 loads each weight straight into its partition (`zero.Init`), which needs DeepSpeed's process group
+    before `from_pretrained`; HF Trainer would create it only later. Reuses torch's group when one exists."""
+    import torch
+
+    if not torch.distributed.is_initialized():
+        return  # one process (`moetune validate`, a single-rank run): nothing to join
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
+def moe_block_classes(model: nn.Module) -> list[type]:
+    """The MoE block classes of a model (one per family, two for JetMoE-like models), from the architecture map."""
+    from moetune.architectures import find_moe_layers
+
+    classes: list[type] = []
+    for layer in find_moe_layers(model):
+        if type(layer.block) not in classes:
+            classes.append(type(layer.block))
+    return classes
+
+
+def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """ZeRO-3: declare every MoE block a leaf module, so a rank whose tokens skip some experts still gathers the
+    same parameters as the others (no hang). Call after LoRA is added (the wrappers live inside the block)."""
+    if recipe.distributed.strategy != "zero3":
+        return model
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = moe_block_classes(model)
+    if not classes:
+        raise MoetuneError("distributed.strategy='zero3': found no MoE block in the model to make a ZeRO-3 leaf")
+    set_z3_leaf_modules(model, classes)
+    return model
+
+
+def describe_sharding(model: nn.Module) -> str | None:
+    """How DeepSpeed holds the weights, for the start line; None when no parameter is DeepSpeed-partitioned.
+
+    ZeRO-3 parameters carry `ds_id` / `ds_status` (and `ds_numel`, the full size): the local part is `ds_tensor`.
+    """
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return None
+    full = sum(p.ds_numel for p in params)
+    local = sum(p.ds_tensor.numel() for p in params)
+    leaves = sorted({type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)})
+    text = f"ZeRO-3: {len(params)} parameters partitioned, {local:,} of {full:,} elements held on this rank"
+    return text + (f"; MoE blocks gathered whole ({', '.join(leaves)})" if leaves else "")
+
+
+@contextmanager
+def zero3_init_off():
+    """Build models the ordinary way while a ZeRO-3 run is configured.
+
+    Once a trl.SFTConfig with ZeRO-3 exists, transformers builds every model under `deepspeed.zero.Init`, which
+    partitions with a collective on each parameter. An architecture-only model built on one rank (the PEFT skeleton
+    that `make_adapter_portable` checks an adapter against, on the main process only) would then wait forever for
+    the other ranks. Lifts the setting for the block and puts it back.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # public setter/unsetter; the getter is this weakref
+    held = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if held is not None:
+            hf_deepspeed.set_hf_deepspeed_config(held)
