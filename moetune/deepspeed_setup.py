@@ -72,8 +72,15 @@ def deepspeed_config(stage: int) -> dict[str, Any]:
     }
 
 
-def deepspeed_arguments(recipe: Recipe) -> dict[str, Any]:
+def deepspeed_arguments(recipe: Recipe, *, world_size: int | None = None) -> dict[str, Any]:
     """Extra trl.SFTConfig kwargs for `distributed.strategy: zero2|zero3`; {} for any other strategy.
+
+    The recipe is checked and DeepSpeed must be installed whatever the world size (`moetune validate` on one
+    process reports it), but one process gets no DeepSpeed config: the `distributed` section is ignored there.
+
+    Args:
+        recipe: the recipe.
+        world_size: ranks launched; None reads accelerate's process state.
 
     Raises:
         MoetuneError: DeepSpeed is not installed.
@@ -84,7 +91,14 @@ def deepspeed_arguments(recipe: Recipe) -> dict[str, Any]:
         return {}
     check_deepspeed_recipe(recipe)
     require_deepspeed(strategy)
+    if world_size is None:
+        from accelerate import PartialState
+
+        world_size = PartialState().num_processes
+    if world_size == 1:
+        return {}
     _init_distributed()
+    _let_accelerate_pick_deepspeed()
     return {"deepspeed": deepspeed_config(ZERO_STAGES[strategy])}
 
 
@@ -98,6 +112,22 @@ def _init_distributed() -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
+def _let_accelerate_pick_deepspeed() -> None:
+    """Drop ACCELERATE_USE_CPU for this process once its process group runs on CPU (gloo).
+
+    The flag is what makes CPU ranks one gloo group under `accelerate launch` (docs/upstream.md#accelerate-cpu), but
+    `AcceleratorState` also reads it as "CPU: no DeepSpeed" and falls back to DDP (accelerate 1.15, state.py:
+    `ACCELERATE_USE_DEEPSPEED ... and not cpu`). The group it was needed for exists by now, so the flag has done its
+    job; without it the Trainer's Accelerator sets up DEEPSPEED over the same gloo group.
+    """
+    import os
+
+    import torch
+
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo":
+        os.environ.pop("ACCELERATE_USE_CPU", None)
 
 
 def moe_block_classes(model: nn.Module) -> list[type]:

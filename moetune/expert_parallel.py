@@ -51,7 +51,7 @@ def check_expert_parallel(recipe: Recipe, world_size: int, config=None) -> None:
                           f"{_divisors(world_size)}")
     if config is None:
         return
-    from moetune.architectures import _config_value, _NUM_EXPERTS_KEYS
+    from moetune.architectures import _NUM_EXPERTS_KEYS, _config_value
 
     text = config.get_text_config(decoder=True)
     if not getattr(text, "base_model_ep_plan", None):
