@@ -40,11 +40,13 @@ def check_deepspeed_recipe(recipe: Recipe) -> None:
     strategy = recipe.distributed.strategy
     if strategy not in ZERO_STAGES:
         return
-    if recipe.quantization is not None:
+    if recipe.quantization is not None and strategy == "zero3":
+        # ZeRO-3 builds the model under zero.Init, which transformers refuses with the device_map 4-bit loading
+        # needs, and it would partition the packed 4-bit expert weights; ZeRO-2 only partitions what trains (LoRA).
         raise RecipeError(
-            f"`quantization` cannot be combined with distributed.strategy={strategy!r}: DeepSpeed ZeRO does not "
-            "partition bitsandbytes 4-bit weights on CPU ranks; drop `quantization` or use "
-            "distributed.strategy: ddp (or auto)")
+            "`quantization` (4-bit) cannot be combined with distributed.strategy='zero3': ZeRO-3 partitions every "
+            "weight at load and cannot hold bitsandbytes 4-bit weights; use distributed.strategy: zero2 (QLoRA "
+            "with partitioned optimizer state and gradients), ddp or auto, or drop `quantization`")
     if "deepspeed" in recipe.train:
         raise RecipeError(
             f"`train.deepspeed` and distributed.strategy={strategy!r} both configure DeepSpeed; keep one (moetune "

@@ -129,6 +129,7 @@ def _describe(trainer) -> dict:
         "expert_local_rows": sorted({p.to_local().shape[0] for p in experts if isinstance(p, DTensor)}),
         "expert_full_rows": sorted({p.shape[0] for p in experts if isinstance(p, DTensor)}),
         "sharding": ds_sharding(model) or ep_sharding(model),
+        "trainable_dtypes": sorted({str(p.dtype).removeprefix("torch.") for _, p in params if p.requires_grad}),
     }
 
 
