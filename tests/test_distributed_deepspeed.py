@@ -144,10 +144,8 @@ def _one_process_logits(base_dir, saved_dir, *, starved: bool, adapter: bool, qu
     sys.path.insert(0, str(REPO / "tests"))
     from distributed_worker import fixed_batch, starve
 
-    from moetune.config import ModelSection
+    from moetune.config import ModelSection, QuantizationSection
     from moetune.loading import load_model
-
-    from moetune.config import QuantizationSection
 
     section = ModelSection(name_or_path=str(base_dir if adapter else saved_dir), dtype="float32")
     model, tokenizer = load_model(section, QuantizationSection(**quantization) if quantization else None)
