@@ -46,7 +46,7 @@ def check_expert_parallel(recipe: Recipe, world_size: int, config=None) -> None:
     if recipe.quantization is not None:
         raise RecipeError(f"`{KEY}`={ep} cannot be combined with `quantization` (4-bit): sharding bitsandbytes "
                           f"weights across ranks is not supported by transformers; drop `quantization` or set {KEY}: 1")
-    if world_size % ep:
+    if world_size > 1 and world_size % ep:  # one process ignores the section (`moetune validate`, a test run)
         raise RecipeError(f"`{KEY}`={ep} must divide the number of processes launched ({world_size}); allowed: "
                           f"{_divisors(world_size)}")
     if config is None:
@@ -60,7 +60,7 @@ def check_expert_parallel(recipe: Recipe, world_size: int, config=None) -> None:
     num_experts = _config_value(text, _NUM_EXPERTS_KEYS)
     if isinstance(num_experts, int) and num_experts % ep:
         raise RecipeError(f"`{KEY}`={ep} must divide the model's {num_experts} experts per layer; allowed: "
-                          f"{[d for d in _divisors(num_experts) if world_size % d == 0]}")
+                          f"{[d for d in _divisors(num_experts) if world_size == 1 or world_size % d == 0]}")
 
 
 def _divisors(n: int) -> list[int]:
@@ -80,12 +80,14 @@ def distributed_config(recipe: Recipe, world_size: int, config=None):
     if ep == 1:
         return None
     check_expert_parallel(recipe, world_size, config)
+    if world_size == 1:
+        return None  # one process holds every expert; the `distributed` section is for several
     from transformers.distributed import DistributedConfig
 
     return DistributedConfig(fsdp_size=world_size, ep_size=ep)
 
 
-def trainer_arguments(recipe: Recipe, *, resume: bool = False) -> dict:
+def trainer_arguments(recipe: Recipe, world_size: int, *, resume: bool = False) -> dict:
     """Extra trl.SFTConfig kwargs for expert_parallel > 1: checkpoints hold the model (or adapter) only.
 
     HF Trainer cannot write the optimizer state of a model sharded at load time (transformers 5.23 raises without
@@ -96,7 +98,7 @@ def trainer_arguments(recipe: Recipe, *, resume: bool = False) -> dict:
         RecipeError: `resume` with expert_parallel > 1.
     """
     ep = recipe.distributed.expert_parallel
-    if ep == 1:
+    if ep == 1 or world_size == 1:
         return {}
     if resume:
         raise RecipeError(f"--resume is not supported with `{KEY}`={ep}: transformers cannot checkpoint the optimizer "

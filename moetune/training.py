@@ -184,8 +184,11 @@ def _distributed_config(recipe: Recipe):
     from accelerate import PartialState
 
     from moetune.expert_parallel import distributed_config
+    from moetune.loading import read_config
 
-    return distributed_config(recipe, PartialState().num_processes)
+    # The model's config (expert count, EP plan) is checked again here: check_recipe reads only local models.
+    config = read_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    return distributed_config(recipe, PartialState().num_processes, config)
 
 
 def _train_and_save(trainer, recipe: Recipe, run: RunDir, state, checkpoint: Path | None, data) -> dict[str, Any]:
@@ -367,7 +370,9 @@ def sft_config(recipe: Recipe, *, has_eval: bool, resume: bool = False):
     if recipe.distributed.expert_parallel > 1:
         from moetune.expert_parallel import trainer_arguments
 
-        kwargs.update(trainer_arguments(recipe, resume=resume))  # save_only_model; --resume refused
+        from accelerate import PartialState
+
+        kwargs.update(trainer_arguments(recipe, PartialState().num_processes, resume=resume))  # save_only_model
     kwargs.update(recipe.train)
     try:
         return SFTConfig(**kwargs)

@@ -27,7 +27,15 @@ def test_one_means_no_distributed_config(tmp_path):
     from moetune.expert_parallel import distributed_config, trainer_arguments
 
     recipe = _ep(tmp_path, 1)
-    assert distributed_config(recipe, 4) is None and trainer_arguments(recipe, resume=True) == {}
+    assert distributed_config(recipe, 4) is None and trainer_arguments(recipe, 4, resume=True) == {}
+
+
+def test_one_process_ignores_the_section(tmp_path):
+    """`moetune validate` and single-process runs hold every expert; the world-size rule applies only to several."""
+    from moetune.expert_parallel import distributed_config, trainer_arguments
+
+    recipe = _ep(tmp_path, 2)
+    assert distributed_config(recipe, 1) is None and trainer_arguments(recipe, 1, resume=True) == {}
 
 
 def test_distributed_config_is_fsdp_over_all_ranks_with_ep(tmp_path):
@@ -65,22 +73,27 @@ def test_model_checks_experts_count_and_family_plan(tmp_path, tiny_model_dir):
         check_expert_parallel(_ep(tmp_path, 2), 2, dbrx)
 
 
-def test_check_recipe_refuses_before_loading_weights(tmp_path, tiny_model_dir):
-    """`moetune validate` / the start of `train`: world size 1 cannot hold 2 expert shards; nothing is loaded."""
+def test_check_recipe_refuses_before_loading_weights(tmp_path, tiny_model_dir, monkeypatch):
+    """`moetune validate` / the start of `train` read the model's config.json only: 8 shards of 4 experts fail."""
+    import moetune.loading
     from moetune.training import check_recipe
 
-    recipe = load_recipe(_recipe(tmp_path, tiny_model_dir("mixtral"), distributed={"expert_parallel": 2}))
-    with pytest.raises(RecipeError, match=r"must divide the number of processes launched \(1\)"):
+    monkeypatch.setattr(moetune.loading, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    recipe = load_recipe(_recipe(tmp_path, tiny_model_dir("mixtral"), distributed={"expert_parallel": 8}))
+    with pytest.raises(RecipeError, match=r"must divide the model's 4 experts per layer"):
         check_recipe(recipe)
 
 
 def test_resume_is_a_clear_error_and_checkpoints_hold_the_model_only(tmp_path):
     from moetune.training import sft_config
 
+    from moetune.expert_parallel import trainer_arguments
+
     recipe = _ep(tmp_path, 2)
-    assert sft_config(recipe, has_eval=False).save_only_model is True
+    assert trainer_arguments(recipe, 2) == {"save_only_model": True}
     with pytest.raises(RecipeError, match=r"--resume is not supported with `distributed.expert_parallel`=2"):
-        sft_config(recipe, has_eval=False, resume=True)
+        trainer_arguments(recipe, 2, resume=True)
+    assert sft_config(recipe, has_eval=False).save_only_model is False  # this test is one process
 
 
 def test_describe_sharding_is_none_on_one_process(tiny_model_dir):
