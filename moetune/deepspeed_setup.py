@@ -1,13 +1,14 @@
 """DeepSpeed ZeRO for `distributed.strategy: zero2|zero3`: moetune writes the DeepSpeed config itself.
 
 The config goes to trl.SFTConfig as `deepspeed=<dict>` (HF Trainer fills the "auto" values from the training
-arguments), so `torchrun` or a plain `accelerate launch --num_processes N -m moetune train RECIPE` runs it; no
+arguments), so `torchrun` or `accelerate launch --multi_gpu --num_processes N -m moetune train RECIPE` runs it; no
 accelerate DeepSpeed config file is needed. On CPU ranks DeepSpeed runs over gloo (docs/upstream.md#deepspeed-cpu).
 
-ZeRO-3 partitions every weight and gathers a module's weights when its forward first touches them. An MoE block
-whose experts get no token on one rank would skip gathers that other ranks make, and the ranks would hang
-(DeepSpeed #4808): every family's MoE block is therefore declared a ZeRO-3 leaf (`set_z3_leaf_modules`), which
-gathers all of the block's parameters together on every rank (docs/upstream.md#zero3-moe-leaf).
+ZeRO-3 and MoE: upstream reports hangs when ranks route tokens to different experts, fixed by making the MoE block a
+ZeRO-3 leaf. transformers v5 fuses each layer's experts into one module that runs on every forward, so every
+rank gathers the same parameters: measured here, no hang with a rank whose experts 2-3 get no token, and leaf
+blocks break full fine-tuning of the experts (an empty partition reaches backward). moetune therefore turns
+DeepSpeed's default leaf classes off (docs/upstream.md#deepspeed-zero3-moe).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def deepspeed_config(stage: int) -> dict[str, Any]:
         # One consolidated 16-bit (model-dtype) state dict on save: the output dir holds a normal HF
         # model / PEFT adapter, not only DeepSpeed's per-rank partitions.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        # No MoE leaf modules. DeepSpeed 0.19 makes Mixtral's and Qwen2/3-MoE's blocks leaves by default, which
+        # breaks full fine-tuning of fused experts in backward; fused experts need no leaf to avoid the hang.
+        zero["leaf_module"] = {"classes": []}
     return {
         "zero_optimization": zero,
         "train_micro_batch_size_per_gpu": "auto",
@@ -132,31 +136,6 @@ def _let_accelerate_pick_deepspeed() -> None:
         os.environ.pop("ACCELERATE_USE_CPU", None)
 
 
-def moe_block_classes(model: nn.Module) -> list[type]:
-    """The MoE block classes of a model (one per family, two for JetMoE-like models), from the architecture map."""
-    from moetune.architectures import find_moe_layers
-
-    classes: list[type] = []
-    for layer in find_moe_layers(model):
-        if type(layer.block) not in classes:
-            classes.append(type(layer.block))
-    return classes
-
-
-def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
-    """ZeRO-3: declare every MoE block a leaf module, so a rank whose tokens skip some experts still gathers the
-    same parameters as the others (no hang). Call after LoRA is added (the wrappers live inside the block)."""
-    if recipe.distributed.strategy != "zero3":
-        return model
-    from deepspeed.utils import set_z3_leaf_modules
-
-    classes = moe_block_classes(model)
-    if not classes:
-        raise MoetuneError("distributed.strategy='zero3': found no MoE block in the model to make a ZeRO-3 leaf")
-    set_z3_leaf_modules(model, classes)
-    return model
-
-
 def describe_sharding(model: nn.Module) -> str | None:
     """How DeepSpeed holds the weights, for the start line; None when no parameter is DeepSpeed-partitioned.
 
@@ -167,9 +146,7 @@ def describe_sharding(model: nn.Module) -> str | None:
         return None
     full = sum(p.ds_numel for p in params)
     local = sum(p.ds_tensor.numel() for p in params)
-    leaves = sorted({type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)})
-    text = f"ZeRO-3: {len(params)} parameters partitioned, {local:,} of {full:,} elements held on this rank"
-    return text + (f"; MoE blocks gathered whole ({', '.join(leaves)})" if leaves else "")
+    return f"ZeRO-3: {len(params)} parameters partitioned, {local:,} of {full:,} elements held on this rank"
 
 
 @contextmanager

@@ -150,10 +150,6 @@ def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None)
         # Groups trained in full beside LoRA must travel in the adapter dir (PEFT's modules_to_save).
         model = add_adapters(model, recipe.lora, modules_to_save=modules_trained_in_full(model, freeze_section))
     report = freeze(model, freeze_section, lora_enabled=recipe.lora is not None)
-    if recipe.distributed.strategy == "zero3":
-        from moetune.deepspeed_setup import prepare_model
-
-        prepare_model(model, recipe)  # each MoE block one ZeRO-3 leaf: no hang when a rank's experts get no token
     if report.trainable == 0:
         raise MoetuneError("nothing to train: `freeze` leaves every parameter frozen and there are no LoRA adapters; "
                            "set `freeze.train` (e.g. [non_experts]) or add a `lora` section")
@@ -368,9 +364,9 @@ def sft_config(recipe: Recipe, *, has_eval: bool, resume: bool = False):
 
         kwargs.update(deepspeed_arguments(recipe))  # {"deepspeed": <config dict>}
     if recipe.distributed.expert_parallel > 1:
-        from moetune.expert_parallel import trainer_arguments
-
         from accelerate import PartialState
+
+        from moetune.expert_parallel import trainer_arguments
 
         kwargs.update(trainer_arguments(recipe, PartialState().num_processes, resume=resume))  # save_only_model
     kwargs.update(recipe.train)

@@ -40,7 +40,7 @@ def _recipe(tmp_path, model_dir, **sections) -> dict:
 # ------------------------------------------------------------------------------------------ fast: recipe rules
 
 
-def test_zero_config_has_the_stage_leaf_free_auto_values_and_16bit_save():
+def test_zero_config_has_the_stage_auto_values_16bit_save_and_no_leaves():
     from moetune.deepspeed_setup import deepspeed_config
 
     two, three = deepspeed_config(2), deepspeed_config(3)
@@ -48,6 +48,9 @@ def test_zero_config_has_the_stage_leaf_free_auto_values_and_16bit_save():
     # HF Trainer fills "auto" from trl.SFTConfig: the recipe's batch size, accumulation and clipping stay in charge.
     assert two["train_micro_batch_size_per_gpu"] == "auto" and two["gradient_accumulation_steps"] == "auto"
     assert three["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    # DeepSpeed's default MoE leaf classes are switched off (they break full fine-tuning of fused experts; see
+    # test_zero3_full_finetune_with_a_rank_whose_experts_get_no_tokens).
+    assert three["zero_optimization"]["leaf_module"] == {"classes": []}
     assert "stage3_gather_16bit_weights_on_model_save" not in two["zero_optimization"]
 
 
@@ -86,29 +89,6 @@ def test_what_zero_cannot_combine_with_is_named(tmp_path, extra, match):
         raw[key] = {**raw.get(key, {}), **value}
     with pytest.raises(RecipeError, match=match):
         deepspeed_arguments(load_recipe(raw))
-
-
-@needs_deepspeed
-def test_zero3_makes_each_moe_block_a_leaf_also_outside_deepspeeds_defaults(tiny_model_dir, tmp_path):
-    """DeepSpeed 0.19 makes Mixtral's and Qwen2/3-MoE's blocks leaves by default; OLMoE is not among them."""
-    from moetune.deepspeed_setup import prepare_model
-    from moetune.loading import load_model
-
-    model, _ = load_model(str(tiny_model_dir("olmoe")), with_tokenizer=False)
-    prepare_model(model, load_recipe(_recipe(tmp_path, "m", distributed={"strategy": "zero2"})))
-    assert not any(getattr(m, "_z3_leaf", False) for m in model.modules())  # ZeRO-2 never gathers weights
-    prepare_model(model, load_recipe(_recipe(tmp_path, "m", distributed={"strategy": "zero3"})))
-    leaves = [type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)]
-    assert leaves == ["OlmoeSparseMoeBlock"] * 2  # both layers
-
-
-def test_leaf_modules_are_the_families_moe_blocks(tiny_model_dir):
-    from moetune.deepspeed_setup import moe_block_classes
-    from moetune.loading import load_model
-
-    for arch, block in (("mixtral", "MixtralSparseMoeBlock"), ("qwen3_moe", "Qwen3MoeSparseMoeBlock")):
-        model, _ = load_model(str(tiny_model_dir(arch)), with_tokenizer=False)
-        assert [c.__name__ for c in moe_block_classes(model)] == [block]
 
 
 def test_describe_sharding_is_none_without_zero3(tiny_model_dir):
@@ -220,9 +200,8 @@ def test_zero2_qlora_with_expert_lora(tiny_model_dir, tmp_path):
 @needs_deepspeed
 @pytest.mark.slow
 def test_zero3_expert_lora_with_a_rank_whose_experts_get_no_tokens(tiny_model_dir, tmp_path):
-    """ZeRO-3, LoRA on attention and experts; rank 1 never routes to experts 2 and 3 (DeepSpeed #4808 setting).
-
-    No hang; each rank's logits equal one process's (with the same routing) from the consolidated adapter.
+    """ZeRO-3, LoRA on attention and experts; rank 1 never routes to experts 2 and 3 (DeepSpeed #4808 setting),
+    with no MoE leaf modules. No hang; each rank's logits equal one process's (same routing) from the saved adapter.
     """
     import torch
 
@@ -235,10 +214,33 @@ def test_zero3_expert_lora_with_a_rank_whose_experts_get_no_tokens(tiny_model_di
         # Every parameter is DeepSpeed-partitioned; each rank holds about half of the elements.
         assert rank["ds_params"] == rank["params"] > 0
         assert rank["ds_local_numel"] <= rank["ds_full_numel"] // 2 + rank["params"]
-        assert rank["z3_leaves"] == ["MixtralSparseMoeBlock"] and rank["sharding"].startswith("ZeRO-3:")
+        assert rank["z3_leaves"] == [] and rank["sharding"].startswith("ZeRO-3:")
     _check_resume(ranks)
     out = tmp_path / "out" / "a"
     assert (out / "adapter_model.safetensors").is_file()
     for r, starved in ((0, False), (1, True)):
         reloaded = _one_process_logits(model_dir, out, starved=starved, adapter=True)
+        torch.testing.assert_close(reloaded, torch.load(tmp_path / "report" / f"logits{r}.pt"), rtol=1e-4, atol=1e-4)
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_zero3_full_finetune_with_a_rank_whose_experts_get_no_tokens(tiny_model_dir, tmp_path):
+    """ZeRO-3 training experts and router in full while rank 1 starves experts 2 and 3.
+
+    With DeepSpeed's default MoE leaf (MixtralSparseMoeBlock) this fails in backward ("size of tensor a (0) must
+    match"); without leaves it trains, resumes and saves one consolidated model.
+    """
+    import torch
+
+    model_dir = tiny_model_dir("mixtral")
+    recipe = _recipe(tmp_path, model_dir, distributed={"strategy": "zero3"}, freeze={"train": ["experts", "router"]})
+    ranks = _launch(tmp_path, recipe, 29545, "--starve-rank1")
+    for rank in ranks:
+        assert (rank["distributed_type"], rank["zero_stage"], rank["world_size"]) == ("DEEPSPEED", 3, 2)
+        assert rank["ds_params"] == rank["params"] > 0 and rank["z3_leaves"] == []
+    _check_resume(ranks)
+    out = tmp_path / "out" / "a"
+    for r, starved in ((0, False), (1, True)):
+        reloaded = _one_process_logits(model_dir, out, starved=starved, adapter=False)
         torch.testing.assert_close(reloaded, torch.load(tmp_path / "report" / f"logits{r}.pt"), rtol=1e-4, atol=1e-4)

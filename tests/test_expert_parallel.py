@@ -85,9 +85,8 @@ def test_check_recipe_refuses_before_loading_weights(tmp_path, tiny_model_dir, m
 
 
 def test_resume_is_a_clear_error_and_checkpoints_hold_the_model_only(tmp_path):
-    from moetune.training import sft_config
-
     from moetune.expert_parallel import trainer_arguments
+    from moetune.training import sft_config
 
     recipe = _ep(tmp_path, 2)
     assert trainer_arguments(recipe, 2) == {"save_only_model": True}
