@@ -149,7 +149,7 @@ class DistributedSection(Strict):
     strategy: Literal["auto", "ddp", "fsdp2", "zero2", "zero3"] = "auto"
     """How several ranks share the model. auto: what the launcher set up (an accelerate config or flags; DDP when
     it set up nothing else). ddp, fsdp2 (decoder layers sharded, a layer's experts gathered together), zero2
-    (optimizer state and gradients partitioned), zero3 (weights too, each MoE block one ZeRO-3 leaf): moetune
+    (optimizer state and gradients partitioned), zero3 (weights too): moetune
     configures the engine itself, so `torchrun` or a plain `accelerate launch --num_processes N` runs it, and a
     launcher asking for a different one is an error. zero2/zero3 need `pip install moetune[deepspeed]`."""
     expert_parallel: int = Field(1, ge=1)
