@@ -43,6 +43,14 @@ def check_expert_parallel(recipe: Recipe, world_size: int, config=None) -> None:
         raise RecipeError(f"`lora.targets` includes experts, which cannot be combined with `{KEY}`={ep}: PEFT's expert "
                           "LoRA (both lora.experts_path values) multiplies plain tensors with the sharded expert "
                           f"weights (DTensor) and fails; train the experts in full (freeze.train: [experts]) or set {KEY}: 1")
+    if recipe.lora is not None and (recipe.freeze.train or recipe.freeze.include):
+        raise RecipeError(f"`freeze.train` / `freeze.include` beside `lora` cannot be combined with `{KEY}`={ep}: "
+                          "PEFT keeps groups trained in full as copies of their modules (modules_to_save), and "
+                          "the sharded (FSDP2) modules cannot be copied; use LoRA alone, or full fine-tuning "
+                          f"without `lora`, or {KEY}: 1")
+    if recipe.experts is not None:
+        raise RecipeError(f"`experts` (ESFT) cannot be combined with `{KEY}`={ep}: ESFT masks and saves slices of "
+                          f"whole expert tensors, which expert parallelism splits across ranks; set {KEY}: 1")
     if recipe.quantization is not None:
         raise RecipeError(f"`{KEY}`={ep} cannot be combined with `quantization` (4-bit): sharding bitsandbytes "
                           f"weights across ranks is not supported by transformers; drop `quantization` or set {KEY}: 1")

@@ -52,6 +52,8 @@ def test_distributed_config_is_fsdp_over_all_ranks_with_ep(tmp_path):
     (2, 2, {"distributed": {"strategy": "ddp"}}, r"cannot be combined with distributed.strategy='ddp'"),
     (2, 2, {"quantization": {"bits": 4}, "lora": {"r": 4}}, r"cannot be combined with `quantization` \(4-bit\)"),
     (2, 2, {"lora": {"r": 4, "targets": ["attention", "experts"]}}, r"`lora.targets` includes experts"),
+    (2, 2, {"lora": {"r": 4}, "freeze": {"train": ["router"]}}, r"`freeze.train` / `freeze.include` beside `lora`"),
+    (2, 2, {"experts": {}}, r"`experts` \(ESFT\) cannot be combined with `distributed.expert_parallel`=2"),
 ])
 def test_invalid_expert_parallel_is_named(tmp_path, n, world, sections, match):
     from moetune.expert_parallel import check_expert_parallel
@@ -104,6 +106,23 @@ def test_describe_sharding_is_none_on_one_process(tiny_model_dir):
 
 
 # ------------------------------------------------------------------------------------ slow: 2 ranks over gloo
+
+
+@pytest.mark.slow
+def test_expert_parallel_with_lora_on_attention_saves_one_adapter(tiny_model_dir, tmp_path):
+    """Mixtral, LoRA on attention (the expert weights stay frozen and sharded): one consolidated adapter."""
+    import torch
+
+    model_dir = tiny_model_dir("mixtral")
+    recipe = _recipe(tmp_path, model_dir, distributed={"expert_parallel": 2}, lora={"r": 4, "targets": ["attention"]})
+    ranks = _launch(tmp_path, recipe, 29546)
+    for rank in ranks:
+        assert (rank["world_size"], rank["distributed_type"], rank["engine"]) == (2, "MULTI_CPU", "PeftModelForCausalLM")
+        assert (rank["expert_dtensor"], rank["expert_local_rows"], rank["expert_full_rows"]) == (4, [2], [4])
+    assert ranks[1]["losses_a"] == ranks[0]["losses_a"]
+    reloaded = _one_process_logits(model_dir, tmp_path / "out" / "a", starved=False, adapter=True)
+    for r in (0, 1):
+        torch.testing.assert_close(reloaded, torch.load(tmp_path / "report" / f"logits{r}.pt"), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
