@@ -145,7 +145,13 @@ class MoETrainer(SFTTrainer):
         trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         if not trained:
             return
-        norms = torch.stack([_full(torch.linalg.vector_norm(p.detach().float())) for _, p in trained])
+        # ZeRO-3 holds only this rank's partition (`ds_tensor`; the parameter itself is an empty placeholder):
+        # sum the partitions' norms over ranks, so a NaN anywhere reaches every rank and all stop together.
+        zero3 = any(hasattr(p, "ds_tensor") for _, p in trained)
+        norms = torch.stack([_full(torch.linalg.vector_norm(getattr(p, "ds_tensor", p).detach().float()))
+                             for _, p in trained])
+        if zero3:
+            torch.distributed.all_reduce(norms)
         bad = [name for (name, _), ok in zip(trained, torch.isfinite(norms).tolist()) if not ok]
         if bad:
             self._diverged("weights", float("nan"), f"{len(bad)} trained tensor(s) non-finite before the {where} "
