@@ -47,12 +47,17 @@ def _owner_group(model: nn.Module) -> dict[str, str]:
             if canonical_name(name).endswith(".weight")}
 
 
+def _shape(param: nn.Parameter) -> tuple[int, ...]:
+    # Under DeepSpeed ZeRO-3 a parameter is an empty placeholder; its real shape is `ds_shape` (as PEFT reads it).
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
 def _router_targets(model: nn.Module, linears: dict[str, nn.Module]) -> tuple[list[str], list[str]]:
     modules, params = [], []
     for layer in find_moe_layers(model):
         for name, param in layer.router.named_parameters():
             full = canonical_name(f"{layer.router_name}.{name}")
-            if param.dim() != 2 or "bias" in name:  # e.g. ernie's e_score_correction_bias [1, E] is not a weight
+            if len(_shape(param)) != 2 or "bias" in name:  # e.g. ernie's e_score_correction_bias [1, E] is not a weight
                 continue
             owner = full.rpartition(".")[0]
             # A Linear *inside* the router (dbrx, jetmoe, hunyuan) is a plain LoRA module. A router that *is* a
@@ -69,7 +74,7 @@ def _expert_targets(model: nn.Module) -> list[str]:
     for layer in find_moe_layers(model):
         for name, param in layer.experts.named_parameters():
             full = canonical_name(f"{layer.experts_name}.{name}")
-            if param.dim() >= 2 and is_expert_weight(full, layer.router_name):
+            if len(_shape(param)) >= 2 and is_expert_weight(full, layer.router_name):
                 params.append(full)
     return sorted(set(params))
 

@@ -151,13 +151,15 @@ class DistributedSection(Strict):
     it set up nothing else). ddp; fsdp2 (each decoder layer one FSDP2 unit, its fused experts sharded along the
     expert dimension, E/N per rank, and gathered together while the layer runs; checkpoints and the final save
     consolidated; runs on CPU ranks too; not with `quantization` or `experts`); zero2 (optimizer state and
-    gradients partitioned), zero3 (weights too, each MoE block one ZeRO-3 leaf). Set to anything but auto, moetune
-    configures the engine itself, so `torchrun` or a plain `accelerate launch --num_processes N` runs it, a launcher
+    gradients partitioned; 4-bit works); zero3 (weights too; not with `quantization`). Set to anything but auto,
+    moetune configures the engine itself, so `torchrun` or a plain `accelerate launch` runs it, a launcher
     asking for a different one is an error, and `train.fsdp` / `train.deepspeed` must not be set. zero2/zero3 need
     `pip install moetune[deepspeed]`. See docs/distributed.md."""
     expert_parallel: int = Field(1, ge=1)
     """Ranks that each MoE layer's experts are split over (transformers' expert parallelism: each rank holds
-    num_experts / N experts and tokens travel to their experts by all-to-all). 1: every rank holds every expert."""
+    num_experts / N experts and tokens travel to their experts by all-to-all), composed with FSDP2 over all ranks.
+    Must divide the world size and the expert count; not with LoRA on the experts, `experts` (ESFT), 4-bit or
+    `--resume` (checkpoints hold the weights only). 1: every rank holds every expert."""
 
 
 class Recipe(Strict):

@@ -50,7 +50,8 @@ def launcher_engine(environ: Mapping[str, str] = os.environ) -> str | None:
 
 def resolved_strategy(recipe: Recipe, environ: Mapping[str, str] = os.environ) -> str:
     """The strategy this process runs: the recipe's, or for `auto` the launcher's ('ddp' when it asked for none,
-    'fsdp2' / 'fsdp1' for an accelerate FSDP launch, 'deepspeed' for a DeepSpeed one). 'single' on one process.
+    'fsdp2' / 'fsdp1' for an accelerate FSDP launch, 'deepspeed' for a DeepSpeed one). 'single' on one process,
+    'expert_parallel' when transformers shards the model at load (`distributed.expert_parallel` > 1).
 
     Raises:
         MoetuneError: the launcher asked for another engine than `distributed.strategy`.
@@ -71,6 +72,14 @@ def resolved_strategy(recipe: Recipe, environ: Mapping[str, str] = os.environ) -
         )
     if world_size(environ) == 1:
         return "single"
+    if recipe.distributed.expert_parallel > 1:
+        if engine is not None:
+            raise MoetuneError(
+                f"`distributed.expert_parallel` shards the model when it loads (transformers' FSDP2 + expert "
+                f"parallelism), so the launcher's {engine.upper()} would wrap it a second time: launch without an "
+                "engine (`torchrun --nproc_per_node N` or `accelerate launch --multi_gpu --num_processes N`)"
+            )
+        return "expert_parallel"
     if strategy != "auto":
         return strategy
     if engine == "fsdp":
@@ -88,17 +97,24 @@ def resolved_strategy(recipe: Recipe, environ: Mapping[str, str] = os.environ) -
     return engine or "ddp"
 
 
-def trainer_arguments(recipe: Recipe, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+def trainer_arguments(recipe: Recipe, environ: Mapping[str, str] = os.environ, *, resume: bool = False) -> dict[str, Any]:
     """trl.SFTConfig keyword arguments for the recipe's strategy (nothing for auto, ddp and a single process)."""
+    if recipe.distributed.strategy in ("zero2", "zero3"):
+        # DeepSpeed's config is built by moetune.deepspeed_setup (installed with moetune[deepspeed]); it checks the
+        # recipe and the install on one process too, then gives one process no DeepSpeed config.
+        from moetune.deepspeed_setup import deepspeed_arguments
+
+        return deepspeed_arguments(recipe)
     strategy = resolved_strategy(recipe, environ)
+    if recipe.distributed.expert_parallel > 1:
+        # transformers already shards the model at load (DistributedConfig: FSDP2 over all ranks + EP), so
+        # accelerate's FSDP must not wrap it a second time: only the checkpoint settings change.
+        from moetune.expert_parallel import trainer_arguments as expert_parallel_arguments
+
+        return expert_parallel_arguments(recipe, world_size(environ), resume=resume)
     if recipe.distributed.strategy == "auto" or strategy in ("single", "ddp"):
         return {}
-    if strategy == "fsdp2":
-        return {"fsdp": True, "fsdp_config": dict(FSDP2_CONFIG)}
-    # zero2 / zero3: DeepSpeed's config is built by moetune.deepspeed_setup (installed with moetune[deepspeed]).
-    from moetune.deepspeed_setup import deepspeed_arguments
-
-    return deepspeed_arguments(recipe)
+    return {"fsdp": True, "fsdp_config": dict(FSDP2_CONFIG)}  # fsdp2
 
 
 def full_state_dict_for_save(trainer) -> None:
@@ -133,13 +149,16 @@ def keep_routers_fp32(trainer, recipe: Recipe) -> None:
         fully_shard(layer.router, mp_policy=fp32, reshard_after_forward=True)
 
 
-def model_load_arguments(recipe: Recipe) -> dict[str, Any]:
-    """Extra `from_pretrained` keyword arguments: expert parallelism is chosen when the model loads."""
+def load_distributed_config(recipe: Recipe):
+    """transformers' DistributedConfig for `distributed.expert_parallel` > 1 (experts sharded at load), else None."""
     if recipe.distributed.expert_parallel == 1:
-        return {}
-    from moetune.expert_parallel import expert_parallel_arguments
+        return None
+    from moetune.expert_parallel import distributed_config
+    from moetune.loading import read_config
 
-    return expert_parallel_arguments(recipe)
+    # The model's config (expert count, EP plan) is checked again here: check_recipe reads only local models.
+    config = read_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    return distributed_config(recipe, world_size(), config)
 
 
 def needs_cpu_fsdp_shim(recipe: Recipe, environ: Mapping[str, str] = os.environ) -> bool:

@@ -46,6 +46,8 @@ class FreezeReport:
 
 def _logical_numel(param: nn.Parameter) -> int:
     # bitsandbytes packs two 4-bit values per uint8 (Params4bit and the experts' parametrizations alike)
+    if hasattr(param, "ds_numel"):  # DeepSpeed ZeRO-3: the local tensor is a placeholder; ds_numel is the full size
+        return param.ds_numel
     return param.numel() * 2 if not param.dtype.is_floating_point and param.element_size() == 1 else param.numel()
 
 

@@ -19,7 +19,8 @@ from moetune.errors import MoetuneError
 _REQUESTED = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
 _CPU_HINT = (
     "On CPU ranks DDP (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m moetune train "
-    "RECIPE`) and FSDP2 (`distributed.strategy: fsdp2` in the recipe, same launch) run; FSDP1 and DeepSpeed need GPUs"
+    "RECIPE`), FSDP2 and DeepSpeed ZeRO-2/3 (`distributed.strategy: fsdp2|zero2|zero3` in the recipe, same launch) "
+    "run; FSDP1 needs GPUs"
 )
 
 
@@ -44,7 +45,10 @@ def describe_launch(accelerator, model=None) -> str:
     if model is None:
         return head
     if kind == "DEEPSPEED":  # ZeRO-3 leaves empty placeholders in the module: the engine's stage says it
-        return f"{head}, parameters held by DeepSpeed ZeRO stage {state.deepspeed_plugin.zero_stage} ({type(model).__name__})"
+        from moetune.deepspeed_setup import describe_sharding
+
+        held = describe_sharding(model) or "parameters whole on every rank, optimizer state and gradients partitioned"
+        return f"{head}, DeepSpeed ZeRO stage {state.deepspeed_plugin.zero_stage}: {held} ({type(model).__name__})"
     return f"{head}, {holding(model, state.num_processes)}"
 
 
@@ -80,7 +84,9 @@ def _is_fused_expert(name: str, param) -> bool:
 
 
 # What accelerate's state must say for each strategy moetune resolved (moetune.distributed.resolved_strategy).
-_STRATEGY_TYPES = {"ddp": ("MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_HPU"), "fsdp2": ("FSDP",),
+_MULTI = ("MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_HPU")
+# Expert parallelism: transformers shards the model at load; accelerate only sets up the process group (MULTI_*).
+_STRATEGY_TYPES = {"ddp": _MULTI, "expert_parallel": _MULTI, "fsdp2": ("FSDP",),
                    "fsdp1": ("FSDP",), "zero2": ("DEEPSPEED",), "zero3": ("DEEPSPEED",), "deepspeed": ("DEEPSPEED",)}
 # ("single", one process, is not checked: accelerate may still run one-process FSDP or DeepSpeed on a GPU.)
 
@@ -117,7 +123,8 @@ def check_prepared(model, state) -> None:
     if kind == "FSDP" and not any(isinstance(p, DTensor) for p in model.parameters()):
         raise MoetuneError(f"accelerate reports FSDP but no parameter of the prepared {type(model).__name__} is "
                            f"sharded: training would silently run unsharded. {_CPU_HINT}")
-    if kind.startswith("MULTI_") and type(model).__name__ != "DistributedDataParallel":
+    sharded_at_load = any(isinstance(p, DTensor) for p in model.parameters())  # expert parallelism (transformers)
+    if kind.startswith("MULTI_") and type(model).__name__ != "DistributedDataParallel" and not sharded_at_load:
         raise MoetuneError(f"accelerate reports {kind} but the prepared model is a {type(model).__name__}, not "
                            "DistributedDataParallel: the ranks would train without syncing gradients")
 

@@ -151,6 +151,7 @@ def load_model(
     *,
     router_fp32: bool = False,
     with_tokenizer: bool = True,
+    distributed_config=None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load an MoE causal LM and its tokenizer.
 
@@ -161,6 +162,8 @@ def load_model(
             `apply_router_controls` to run its router in fp32). Training controls (fp32 routing math, jitter,
             expert dropout) are not installed here: `MoETrainer` installs them once, on the modules that train.
         with_tokenizer: False for weights-only use (`moetune inspect --quantize`): no tokenizer needed, None returned.
+        distributed_config: a transformers `DistributedConfig` (expert parallelism, `moetune.expert_parallel`):
+            the weights are sharded across the ranks while they load.
 
     Returns:
         `(model, tokenizer)`. A 4-bit model has `is_loaded_in_4bit` set and every expert weight in 4-bit.
@@ -180,6 +183,8 @@ def load_model(
     impl = _experts_implementation(section, config)
     if impl is not None:
         kwargs["experts_implementation"] = impl
+    if distributed_config is not None:
+        kwargs["distributed_config"] = distributed_config
     if quantization is not None:
         from moetune.quantization import quantize_config
 
@@ -227,6 +232,8 @@ def empty_model(name_or_path: str, *, trust_remote_code: bool = False) -> PreTra
     Raises:
         MoetuneError: as `read_config`.
     """
+    from moetune.deepspeed_setup import zero3_init_off
+
     config = read_config(name_or_path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
+    with torch.device("meta"), zero3_init_off():  # on one rank, inside a ZeRO-3 run: no partitioning collectives
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

@@ -27,6 +27,14 @@ from moetune.telemetry import RoutingTelemetry
 logger = logging.getLogger(__name__)
 
 
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    # Expert parallelism: expert and non-expert weights are DTensors on different meshes, which torch.stack
+    # refuses to mix; the reduced norm is a plain number on every rank.
+    from torch.distributed.tensor import DTensor
+
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
 class MoETrainer(SFTTrainer):
     """SFTTrainer for sparse MoE models.
 
@@ -137,7 +145,13 @@ class MoETrainer(SFTTrainer):
         trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         if not trained:
             return
-        norms = torch.stack([_full(torch.linalg.vector_norm(p.detach().float())) for _, p in trained])
+        # ZeRO-3 holds only this rank's partition (`ds_tensor`; the parameter itself is an empty placeholder):
+        # sum the partitions' norms over ranks, so a NaN anywhere reaches every rank and all stop together.
+        zero3 = any(hasattr(p, "ds_tensor") for _, p in trained)
+        norms = torch.stack([_full(torch.linalg.vector_norm(getattr(p, "ds_tensor", p).detach().float()))
+                             for _, p in trained])
+        if zero3:
+            torch.distributed.all_reduce(norms)
         bad = [name for (name, _), ok in zip(trained, torch.isfinite(norms).tolist()) if not ok]
         if bad:
             self._diverged("weights", float("nan"), f"{len(bad)} trained tensor(s) non-finite before the {where} "
@@ -206,11 +220,3 @@ class MoETrainer(SFTTrainer):
         if self._count == 0:
             return {}
         return {key: value / self._count for key, value in self._sums.items()}
-
-
-def _full(value: torch.Tensor) -> torch.Tensor:
-    """A plain tensor: FSDP2 holds parameters as DTensors, whose norm is a DTensor (reduced over the ranks here,
-    so every rank sees the same value and stops together)."""
-    from torch.distributed.tensor import DTensor
-
-    return value.full_tensor() if isinstance(value, DTensor) else value

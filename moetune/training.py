@@ -109,8 +109,15 @@ def check_recipe(recipe: Recipe, *, resume: bool = False):
     from moetune.loading import read_config
     from moetune.rules import is_local_model_path
 
+    config = None
     if is_local_model_path(recipe.model.name_or_path):  # a Hub id is only read when training (no network here)
-        read_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+        config = read_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    if recipe.distributed.expert_parallel > 1:
+        from accelerate import PartialState
+
+        from moetune.expert_parallel import check_expert_parallel
+
+        check_expert_parallel(recipe, PartialState().num_processes, config)  # before any weight is read
     return args
 
 
@@ -140,7 +147,10 @@ def build_trainer(recipe: "Recipe | dict | str | Path", *, args=None, data=None)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     args = args if args is not None else sft_config(recipe, has_eval=recipe.data.eval is not None)
     set_seed(args.seed)  # the trainer seeds only after the adapters exist; LoRA's init must repeat too (--resume)
-    model, tokenizer = load_model(recipe.model, recipe.quantization, router_fp32=recipe.moe.router_fp32)
+    from moetune.distributed import load_distributed_config
+
+    model, tokenizer = load_model(recipe.model, recipe.quantization, router_fp32=recipe.moe.router_fp32,
+                                  distributed_config=load_distributed_config(recipe))
     freeze_section = esft_freeze(recipe)  # `experts` (ESFT) without LoRA adds the routed experts
     if recipe.lora is not None:
         # Groups trained in full beside LoRA must travel in the adapter dir (PEFT's modules_to_save).
@@ -352,7 +362,8 @@ def sft_config(recipe: Recipe, *, has_eval: bool, resume: bool = False):
         kwargs["activation_checkpointing"] = cuda
     from moetune.distributed import trainer_arguments
 
-    kwargs.update(trainer_arguments(recipe))  # fsdp / deepspeed for a non-auto `distributed.strategy`
+    # fsdp / deepspeed for a non-auto `distributed.strategy`; expert parallelism's checkpoint settings
+    kwargs.update(trainer_arguments(recipe, resume=resume))
     kwargs.update(recipe.train)
     try:
         return SFTConfig(**kwargs)

@@ -2,7 +2,7 @@
 # Install moetune into ./.venv (created if missing).
 #
 #   bash scripts/install.sh          # the package
-#   bash scripts/install.sh --dev    # plus pytest and ruff
+#   bash scripts/install.sh --dev    # plus pytest, ruff and DeepSpeed (so the ZeRO tests run)
 #
 # torch comes first, chosen for the machine: with an NVIDIA GPU, PyPI's default (CUDA) build; without one, the
 # CPU build pinned below, which avoids several GB of CUDA wheels (set MOETUNE_TORCH to override, e.g.
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extra=""
-[ "${1:-}" = "--dev" ] && extra="[dev]"
+[ "${1:-}" = "--dev" ] && extra="[dev,deepspeed]"
 python=${PYTHON:-python3}
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
