@@ -192,6 +192,10 @@ class MoEBnb4BitHfQuantizer(Bnb4BitHfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         model = super()._process_model_after_weight_loading(model, **kwargs)
+        from moetune.quantized_experts import install_quantized_forward
+
+        # Dequantize only the routed experts, and again in backward rather than keeping them (issue 10, item 3).
+        install_quantized_forward(model)
         # Downstream (Trainer, PEFT, TRL, `.to()` guards) must see an ordinary bitsandbytes model.
         model.quantization_method = QuantizationMethod.BITS_AND_BYTES
         return model

@@ -1,0 +1,207 @@
+"""4-bit fused experts that dequantize only the experts a batch routes to, and again in backward.
+
+moetune stores each fused expert weight (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`) as one bitsandbytes 4-bit
+parametrization (`moetune.quantization`). Reading `experts.gate_up_proj` dequantizes all E experts, and
+transformers' grouped_mm/eager forward does that on every forward; autograd then keeps the dequantized `[E, out, in]`
+weights of every layer alive until backward. On fine-grained MoEs (64-128 small experts) that dequantization, not
+the matmuls, dominates a CPU step (docs/benchmarks.md, issue 10).
+
+Here instead, per projection:
+* tokens are grouped by expert once (one host sync per layer for the per-expert counts);
+* only the experts with at least one token are dequantized (bitsandbytes' own `dequantize_4bit` op on their slices:
+  bitsandbytes quantizes the flattened `[E, out, in]` tensor in 64-element blocks, so expert e's packed bytes and
+  absmax blocks are a contiguous row of `packed.view(E, -1)` / `absmax.view(E, -1)` whenever out*in is a multiple
+  of 64; the saved format is unchanged);
+* the dequantized weight is freed right after the grouped matmul and recomputed in backward (a custom autograd
+  Function that saves nothing but the routing), so at most one projection's routed experts are ever dequantized.
+
+`install_quantized_forward` gives each 4-bit experts module an instance-level `forward` (no class is patched) that
+runs `expert_lora.split_experts_forward` with no LoRA terms; the split expert-LoRA path uses the same
+`quantized_grouped_linear` for its base weights. Whenever a weight carries more than the 4-bit parametrization
+(PEFT's fold registers its LoRA proxy on it) or the layout is not the standard concatenated one, the module's own
+forward runs, exactly as before.
+"""
+
+import types
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+_PARAMS = ("gate_up_proj", "down_proj")
+_ATTR = "_moetune_quantized_forward"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grouped matmul
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    # grouped_mm's CPU kernel wants every non-unit stride on a 16-byte boundary (and 16-byte-aligned data).
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(s != 1 and (s * size) % 16 for s in t.stride()):
+            return False
+    return True
+
+
+def gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """`x[rows of group g] @ w[g]` for each group g; `x [S, in]` sorted by group, `w [G, in, out]`, `counts [G]`."""
+    w = w.to(x.dtype)
+    grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if grouped is not None and (x.device.type != "cpu" or _aligned(x, w)):
+        return grouped(x, w, offs=offsets)
+    pieces, start = [], 0
+    for g, n in enumerate(counts):
+        if n:
+            pieces.append(x[start:start + n] @ w[g])
+        start += n
+    return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[-1])
+
+
+class Routing:
+    """Tokens grouped by expert, computed once per MoE layer forward and shared by both projections.
+
+    Attributes:
+        perm: `[T*k]` order that sorts the (token, slot) pairs by expert (stable).
+        ids_sorted: `[T*k]` expert id of each sorted pair.
+        counts: per-expert pair counts (host list; the one sync of the layer).
+        offsets: `[E]` int32 cumulative counts, for grouped_mm over all experts.
+        routed: `[G]` ids of the experts with at least one pair; `routed_counts`, `routed_offsets` the same
+            over those only (what the 4-bit path dequantizes and multiplies).
+    """
+
+    def __init__(self, top_k_index: torch.Tensor, num_experts: int):
+        ids = top_k_index.reshape(-1)
+        self.ids_sorted, self.perm = torch.sort(ids, stable=True)
+        counts_t = torch.bincount(self.ids_sorted, minlength=num_experts)
+        self.counts = counts_t.tolist()
+        self.offsets = torch.cumsum(counts_t, 0, dtype=torch.int32)
+        routed = [e for e, n in enumerate(self.counts) if n]
+        self.all_routed = len(routed) == num_experts
+        self.routed = torch.tensor(routed, dtype=torch.long, device=ids.device)
+        self.routed_counts = [self.counts[e] for e in routed]
+        self.routed_offsets = self.offsets if self.all_routed else self.offsets[self.routed]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dequantizing some experts
+
+
+def plain_4bit(experts: nn.Module, name: str):
+    """The `Bnb4bitParametrization` of `experts.<name>` when that is its only parametrization, else None."""
+    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+
+    # `_modules`, not getattr: PEFT wrappers forward unknown attributes to their base layer.
+    plists = experts._modules.get("parametrizations") if parametrize.is_parametrized(experts) else None
+    if plists is None or name not in plists:
+        return None
+    plist = plists[name]
+    if len(plist) != 1 or not isinstance(plist[0], Bnb4bitParametrization):
+        return None  # e.g. PEFT's LoRA proxy on top: its forward must see the folded weight
+    return plist[0]
+
+
+def _absmax(state) -> torch.Tensor:
+    if not state.nested:
+        return state.absmax
+    from bitsandbytes import functional as F
+
+    # Double quantization: absmax is itself 8-bit; 1/64 of the weight's elements, cheap to decode whole.
+    return F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+
+
+def dequantize_experts(experts: nn.Module, name: str, routed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize experts `routed` (all when None) of the 4-bit `experts.<name>` to `[len(routed), out, in]`."""
+    state = plain_4bit(experts, name).quant_state
+    packed = experts.parametrizations[name].original
+    num_experts, per_expert = state.shape[0], torch.Size(state.shape[1:]).numel()
+    absmax = _absmax(state).float()
+    # The op is called on `[experts, out*in]` rows, never on the 3-D shape: bitsandbytes 0.50.2's CPU kernel
+    # decodes blocks per row of the shape it is given, so a last dim that is not a multiple of 64 (I=32, 96, 160)
+    # pairs values with the wrong absmax (rel. error 0.17-0.25 instead of 0.09; tests/test_quantized_experts.py).
+    if routed is None or per_expert % state.blocksize:
+        # Every expert, or blocks that straddle experts: the whole stack, flat.
+        full = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, state.blocksize, state.quant_type,
+                                                       [state.shape.numel()], dtype).view(state.shape)
+        return full if routed is None else full.index_select(0, routed)
+    rows = packed.view(num_experts, -1).index_select(0, routed)  # expert e: bytes e*per/2 ... (e+1)*per/2
+    scales = absmax.view(num_experts, -1).index_select(0, routed).reshape(-1)
+    out = torch.ops.bitsandbytes.dequantize_4bit(rows, scales, state.blocksize, state.quant_type,
+                                                 [routed.numel(), per_expert], dtype)
+    return out.view(routed.numel(), *state.shape[1:])
+
+
+def _routed_weight(experts: nn.Module, name: str, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_experts(experts, name, None if routing.all_routed else routing.routed, dtype)
+
+
+class _QuantizedGroupedLinear(torch.autograd.Function):
+    """`x @ W_e^T` per group for a frozen 4-bit weight: routed experts dequantized in forward, again in backward.
+
+    Nothing weight-sized is saved for backward: only the routing (already alive for the layer).
+    """
+
+    @staticmethod
+    def forward(ctx, x, experts, name, routing):
+        ctx.experts, ctx.name, ctx.routing = experts, name, routing
+        weight = _routed_weight(experts, name, routing, x.dtype)  # [G, out, in]
+        return gmm(x, weight.transpose(1, 2), routing.routed_offsets, routing.routed_counts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight = _routed_weight(ctx.experts, ctx.name, ctx.routing, grad.dtype)  # grad [S, out] @ W_e -> [S, in]
+        return gmm(grad.contiguous(), weight, ctx.routing.routed_offsets, ctx.routing.routed_counts), None, None, None
+
+
+def quantized_grouped_linear(x: torch.Tensor, experts: nn.Module, name: str, routing: Routing) -> torch.Tensor:
+    """Base projection of a frozen plain 4-bit expert weight over tokens sorted by `routing`."""
+    return _QuantizedGroupedLinear.apply(x, experts, name, routing)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The experts forward for attention-only QLoRA (no LoRA on the experts)
+
+
+def _standard_layout(experts: nn.Module) -> bool:
+    return (getattr(experts, "has_gate", False) and getattr(experts, "is_concatenated", False)
+            and not getattr(experts, "is_transposed", False) and not getattr(experts, "has_bias", False)
+            and not getattr(experts, "has_post_expert_norm", False) and hasattr(experts, "num_experts"))
+
+
+def _quantized_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                       top_k_weights: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+    if (args or kwargs or top_k_index is None or top_k_weights is None or getattr(self, "_is_expert_parallel", False)
+            or any(plain_4bit(self, name) is None for name in _PARAMS)):
+        # PEFT's fold proxy on a weight, expert parallelism, an unexpected call: the family's own forward.
+        return type(self).forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+    from moetune.expert_lora import split_experts_forward
+
+    return split_experts_forward(self, hidden_states, top_k_index, top_k_weights, {name: [] for name in _PARAMS})
+
+
+def install_quantized_forward(model: nn.Module) -> int:
+    """Give every 4-bit experts module of the standard fused layout the dequantize-routed-only forward.
+
+    Idempotent. Returns the number of experts modules switched (others keep their own forward).
+    """
+    installed = 0
+    for module in model.modules():
+        if (_standard_layout(module) and all(plain_4bit(module, n) is not None for n in _PARAMS)
+                and _ATTR not in module.__dict__):
+            object.__setattr__(module, _ATTR, True)
+            module.forward = types.MethodType(_quantized_forward, module)
+            installed += 1
+    return installed
+
+
+def remove_quantized_forward(model: nn.Module) -> int:
+    """Undo `install_quantized_forward` (the family's forward, which dequantizes every expert). Returns the count."""
+    removed = 0
+    for module in model.modules():
+        if _ATTR in module.__dict__:
+            del module.__dict__[_ATTR]
+            del module.__dict__["forward"]
+            removed += 1
+    return removed
