@@ -112,25 +112,51 @@ def _absmax(state) -> torch.Tensor:
     return F.dequantize_blockwise(state.absmax, state.state2) + state.offset
 
 
+def _decode(packed: torch.Tensor, absmax: torch.Tensor, state, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    # Always decoded as flat rows, never in the weight's 3-D shape: bitsandbytes 0.50.2's CPU kernel decodes blocks
+    # per row of the shape it is given, so a last dim that is not a multiple of 64 (an expert width of 32, 96, 160)
+    # pairs values with the wrong absmax (rel. error 0.17-0.25 instead of nf4's 0.09; tests/test_quantized_experts.py).
+    return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, state.blocksize, state.quant_type, shape, dtype)
+
+
 def dequantize_experts(experts: nn.Module, name: str, routed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize experts `routed` (all when None) of the 4-bit `experts.<name>` to `[len(routed), out, in]`."""
     state = plain_4bit(experts, name).quant_state
     packed = experts.parametrizations[name].original
     num_experts, per_expert = state.shape[0], torch.Size(state.shape[1:]).numel()
     absmax = _absmax(state).float()
-    # The op is called on `[experts, out*in]` rows, never on the 3-D shape: bitsandbytes 0.50.2's CPU kernel
-    # decodes blocks per row of the shape it is given, so a last dim that is not a multiple of 64 (I=32, 96, 160)
-    # pairs values with the wrong absmax (rel. error 0.17-0.25 instead of 0.09; tests/test_quantized_experts.py).
     if routed is None or per_expert % state.blocksize:
-        # Every expert, or blocks that straddle experts: the whole stack, flat.
-        full = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, state.blocksize, state.quant_type,
-                                                       [state.shape.numel()], dtype).view(state.shape)
+        # Every expert, or blocks that straddle experts: the whole stack.
+        full = _decode(packed, absmax, state, [state.shape.numel()], dtype).view(state.shape)
         return full if routed is None else full.index_select(0, routed)
     rows = packed.view(num_experts, -1).index_select(0, routed)  # expert e: bytes e*per/2 ... (e+1)*per/2
     scales = absmax.view(num_experts, -1).index_select(0, routed).reshape(-1)
-    out = torch.ops.bitsandbytes.dequantize_4bit(rows, scales, state.blocksize, state.quant_type,
-                                                 [routed.numel(), per_expert], dtype)
+    out = _decode(rows, scales, state, [routed.numel(), per_expert], dtype)
     return out.view(routed.numel(), *state.shape[1:])
+
+
+_FLAT_CLASS = None
+
+
+def use_flat_decoding(parametrization: nn.Module) -> None:
+    """Make a bitsandbytes `Bnb4bitParametrization` decode its weight as flat rows (see `_decode`).
+
+    Reading `experts.gate_up_proj` (PEFT's fold, merging, any whole-stack use) then gives the same values as the
+    routed path. Only the class changes (a subclass): the stored tensors and state-dict format do not.
+    """
+    global _FLAT_CLASS
+    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+
+    if _FLAT_CLASS is None:
+        class FlatBnb4bitParametrization(Bnb4bitParametrization):
+            @torch.no_grad()
+            def forward(self, quantized_param: torch.Tensor) -> torch.Tensor:
+                state = self.quant_state
+                flat = _decode(quantized_param, _absmax(state).float(), state, [state.shape.numel()], state.dtype)
+                return flat.view(state.shape)
+
+        _FLAT_CLASS = FlatBnb4bitParametrization
+    parametrization.__class__ = _FLAT_CLASS
 
 
 def _routed_weight(experts: nn.Module, name: str, routing: Routing, dtype: torch.dtype) -> torch.Tensor:

@@ -52,10 +52,7 @@ def _close(a, b):
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "4bit"])
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_split_equals_peft_fold_expert_by_expert(tiny_model_dir, arch, quantized):
-    # 4-bit: expert width 64, where bitsandbytes' whole-stack CPU dequantization (PEFT's fold reads it) is right;
-    # at the tiny default 32 it is not (tests/test_quantized_experts.py), while the split path is.
-    wide = {"intermediate_size" if arch == "mixtral" else "moe_intermediate_size": 64} if quantized else {}
-    model = add_adapters(_load(tiny_model_dir(arch, **wide), quantized), LoraSection(r=4, targets=["experts"], experts_path="peft"))
+    model = add_adapters(_load(tiny_model_dir(arch), quantized), LoraSection(r=4, targets=["experts"], experts_path="peft"))
     assert not is_split(model)
     _randomize_lora(model)
     model.train()
