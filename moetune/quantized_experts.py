@@ -13,7 +13,8 @@ Here instead, per projection:
   absmax blocks are a contiguous row of `packed.view(E, -1)` / `absmax.view(E, -1)` whenever out*in is a multiple
   of 64; the saved format is unchanged);
 * the dequantized weight is freed right after the grouped matmul and recomputed in backward (a custom autograd
-  Function that saves nothing but the routing), so at most one projection's routed experts are ever dequantized.
+  Function that saves nothing but the routing), so at most one projection's routed experts are ever dequantized,
+  and of those at most `DEQUANT_CHUNK_BYTES` at a time.
 
 `install_quantized_forward` gives each 4-bit experts module an instance-level `forward` (no class is patched) that
 runs `expert_lora.split_experts_forward` with no LoRA terms; the split expert-LoRA path uses the same
@@ -31,6 +32,11 @@ from torch.nn.utils import parametrize
 
 _PARAMS = ("gate_up_proj", "down_proj")
 _ATTR = "_moetune_quantized_forward"
+# Most bytes of dequantized expert weights held at once: larger routed stacks are decoded and multiplied a run of
+# experts at a time. 64 MiB keeps the transient small next to any real model's 4-bit weights (a whole Mixtral-8x7B
+# gate_up_proj stack would be 1.9 GB in bf16, a Qwen3-30B-A3B one 0.8 GB) while a run is still many experts wide
+# for fine-grained models (grouped_mm stays efficient); one expert larger than this is decoded alone.
+DEQUANT_CHUNK_BYTES = 64 << 20
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,8 +165,34 @@ def use_flat_decoding(parametrization: nn.Module) -> None:
     parametrization.__class__ = _FLAT_CLASS
 
 
-def _routed_weight(experts: nn.Module, name: str, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
-    return dequantize_experts(experts, name, None if routing.all_routed else routing.routed, dtype)
+def _chunks(routing: Routing, expert_bytes: int) -> list[tuple[int, int]]:
+    """Runs `[a, b)` of consecutive routed experts whose dequantized weights fit `DEQUANT_CHUNK_BYTES` (>= 1 each)."""
+    per_chunk = max(1, DEQUANT_CHUNK_BYTES // max(expert_bytes, 1))
+    return [(a, min(a + per_chunk, len(routing.routed_counts))) for a in range(0, len(routing.routed_counts), per_chunk)]
+
+
+def _project(x: torch.Tensor, experts: nn.Module, name: str, routing: Routing, transpose: bool) -> torch.Tensor:
+    """Rows of `x` (sorted by expert) times each routed expert's dequantized weight, `W^T` (forward) or `W` (backward).
+
+    The routed experts are dequantized a run at a time (`_chunks`), each run freed before the next is decoded.
+    """
+    state = plain_4bit(experts, name).quant_state
+    expert_bytes = torch.Size(state.shape[1:]).numel() * x.element_size()
+    runs = _chunks(routing, expert_bytes)
+    if len(runs) == 1:
+        weight = dequantize_experts(experts, name, None if routing.all_routed else routing.routed, x.dtype)
+        return gmm(x, weight.transpose(1, 2) if transpose else weight, routing.routed_offsets, routing.routed_counts)
+    out = x.new_empty(x.shape[0], state.shape[1] if transpose else state.shape[2])
+    row = 0
+    for a, b in runs:
+        counts = routing.routed_counts[a:b]
+        rows = sum(counts)
+        weight = dequantize_experts(experts, name, routing.routed[a:b], x.dtype)
+        offsets = torch.tensor(counts, device=x.device).cumsum(0, dtype=torch.int32)
+        out[row:row + rows] = gmm(x[row:row + rows], weight.transpose(1, 2) if transpose else weight, offsets, counts)
+        del weight
+        row += rows
+    return out
 
 
 class _QuantizedGroupedLinear(torch.autograd.Function):
@@ -172,13 +204,11 @@ class _QuantizedGroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, experts, name, routing):
         ctx.experts, ctx.name, ctx.routing = experts, name, routing
-        weight = _routed_weight(experts, name, routing, x.dtype)  # [G, out, in]
-        return gmm(x, weight.transpose(1, 2), routing.routed_offsets, routing.routed_counts)
+        return _project(x, experts, name, routing, transpose=True)
 
     @staticmethod
-    def backward(ctx, grad):
-        weight = _routed_weight(ctx.experts, ctx.name, ctx.routing, grad.dtype)  # grad [S, out] @ W_e -> [S, in]
-        return gmm(grad.contiguous(), weight, ctx.routing.routed_offsets, ctx.routing.routed_counts), None, None, None
+    def backward(ctx, grad):  # grad [S, out] @ W_e -> [S, in]
+        return _project(grad.contiguous(), ctx.experts, ctx.name, ctx.routing, transpose=False), None, None, None
 
 
 def quantized_grouped_linear(x: torch.Tensor, experts: nn.Module, name: str, routing: Routing) -> torch.Tensor:

@@ -27,7 +27,9 @@ Speed: every variant of a suite and shape lives in this process; one step each p
 other round; median step time and tokens/s. Memory: each variant again in its own process (glibc's mmap threshold
 fixed at 64 KiB so freed tensors leave RSS): `peak` = peak anonymous RSS during a step (sampled every 2 ms; on a GPU
 the allocator's peak), `step+` = that peak above the memory before the step, `model` and `experts` = resident bytes
-of the weights (quantization state included). Ends with one JSON line.
+of the weights (quantization state included); `lora` suite also `bwd+` = the backward's peak above the memory
+after the forward (the issue's "extra backward memory"); `footprint`: `train peak` = peak above the process before
+the model was loaded (libraries imported). Ends with one JSON line.
 """
 
 import argparse
@@ -275,7 +277,7 @@ def measured():
     else:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         sampler = _AnonPeak()
-        before = sampler.peak
+        before = sampler.peak  # nested use: the inner sampler sees the same process, so peaks compose
         sampler.start()
         yield result
         sampler.stop.set()
@@ -297,8 +299,18 @@ def worker(variant: str, path: Path, data: Path, out: Path, args) -> dict:
     start = _status()["RssAnon"] if not torch.cuda.is_available() else 0
     step, model = build(variant, path, data, out, args, batch)
     step()  # warm-up: optimizer state, kernels
-    with measured() as memory:
-        step()
+    if isinstance(step, ModelStep):  # forward and backward apart: the backward's own extra memory (issue 10)
+        with measured() as memory:
+            with measured() as forward:
+                loss = model(input_ids=step.ids, labels=step.ids).loss
+            with measured() as backward:
+                loss.backward()
+            step.optimizer.step()
+            step.optimizer.zero_grad(set_to_none=True)
+        memory["bwd_plus_mb"] = backward["step_plus_mb"]
+    else:
+        with measured() as memory:
+            step()
     groups = usage_by_group(model)
     memory.update(model_mb=sum(g["resident_bytes"] for g in groups.values()) * MB,
                   experts_mb=groups.get("experts", {}).get("resident_bytes", 0) * MB,
@@ -356,7 +368,9 @@ def ratios(rows: list[dict]) -> dict[str, float]:
                  "split/peft speed fp32": ("d_split_fp", "d_peft_fp", "speed"),
                  "split/peft speed 4bit": ("d_split_4bit", "d_peft_4bit", "speed"),
                  "split/peft step+ fp32": ("d_split_fp", "d_peft_fp", "step_plus_mb"),
-                 "split/peft step+ 4bit": ("d_split_4bit", "d_peft_4bit", "step_plus_mb")}
+                 "split/peft step+ 4bit": ("d_split_4bit", "d_peft_4bit", "step_plus_mb"),
+                 "split/peft bwd+ fp32": ("d_split_fp", "d_peft_fp", "bwd_plus_mb"),
+                 "split/peft bwd+ 4bit": ("d_split_4bit", "d_peft_4bit", "bwd_plus_mb")}
         for name, (x, y, what) in pairs.items():
             rx, ry = get(shape, x), get(shape, y)
             if rx and ry:
@@ -412,11 +426,12 @@ def main() -> None:
                 results += run_suite(suite, shape, path, data, root, args)
     print(f"{platform.processor() or 'cpu'} / {args.device}, {args.threads} threads; torch {torch.__version__}; "
           f"{args.dtype}; batch {args.batch}x{args.seq}; {args.rounds} interleaved rounds; load {os.getloadavg()}")
-    print(f"{'shape':>6} {'variant':>15} {'ms/step':>8} {'tok/s':>7} {'peak MB':>8} {'step+ MB':>9} {'model MB':>9} "
-          f"{'experts MB':>10}")
+    print(f"{'shape':>6} {'variant':>15} {'ms/step':>8} {'tok/s':>7} {'peak MB':>8} {'step+ MB':>9} {'bwd+ MB':>8} "
+          f"{'model MB':>9} {'experts MB':>10} {'train peak MB':>13}")
     for r in results:
+        bwd = f"{r['bwd_plus_mb']:8.1f}" if "bwd_plus_mb" in r else f"{'':>8}"
         print(f"{r['shape']:>6} {r['variant']:>15} {r['median_ms']:8.1f} {r['tokens_per_s']:7.0f} {r['peak_mb']:8.1f} "
-              f"{r['step_plus_mb']:9.1f} {r['model_mb']:9.1f} {r['experts_mb']:10.1f}")
+              f"{r['step_plus_mb']:9.1f} {bwd} {r['model_mb']:9.1f} {r['experts_mb']:10.1f} {r['train_peak_mb']:13.1f}")
     summary = ratios(results)
     for name, value in summary.items():
         print(f"{name:>40}: {value:.3f}")

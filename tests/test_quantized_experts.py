@@ -141,3 +141,23 @@ def test_narrow_experts_dequantize_as_accurately_as_any_4bit_weight(tiny_model_d
     parametrization = experts.parametrizations["down_proj"]
     bnb_own = F.dequantize_4bit(parametrization.original, parametrization[0].quant_state)
     assert error(bnb_own) > 0.15  # the bug this works around; when it fails, bitsandbytes is fixed
+
+
+def test_large_routed_stacks_are_decoded_a_run_of_experts_at_a_time(tiny_model_dir, monkeypatch):
+    model = add_adapters(_load(tiny_model_dir("qwen3_moe", num_experts=8)), LoraSection(r=4, targets=["attention"]))
+    _randomize_lora(model)
+    model.train()
+    ids = torch.randint(6, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    whole_logits, whole_d_embeds, whole_grads = _step(model, ids)
+    experts = find_moe_layers(model)[0].experts
+    expert_bytes = experts.parametrizations["gate_up_proj"][0].quant_state.shape[1:].numel() * 4
+    monkeypatch.setattr(quantized_experts, "DEQUANT_CHUNK_BYTES", 3 * expert_bytes)  # gate_up: runs of 3 experts
+    sizes = []
+    real = quantized_experts.dequantize_experts
+    monkeypatch.setattr(quantized_experts, "dequantize_experts",
+                        lambda experts, name, ids, dtype: sizes.append(real(experts, name, ids, dtype).numel() * 4)
+                        or real(experts, name, ids, dtype))
+    logits, d_embeds, grads = _step(model, ids)
+    assert max(sizes) <= 3 * expert_bytes and len(sizes) > 2 * 2 * 2  # more than one run per projection
+    assert _close(logits, whole_logits) and _close(d_embeds, whole_d_embeds)
+    assert all(_close(grads[n], whole_grads[n]) for n in grads)
