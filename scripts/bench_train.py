@@ -423,7 +423,9 @@ def main() -> None:
             for suite in args.suites:
                 if suite == "footprint" and shape != "coarse":
                     continue
-                results += run_suite(suite, shape, path, data, root, args)
+                rows = run_suite(suite, shape, path, data, root, args)
+                print("partial:", json.dumps(rows), flush=True)  # a long run on a busy machine still leaves numbers
+                results += rows
     print(f"{platform.processor() or 'cpu'} / {args.device}, {args.threads} threads; torch {torch.__version__}; "
           f"{args.dtype}; batch {args.batch}x{args.seq}; {args.rounds} interleaved rounds; load {os.getloadavg()}")
     print(f"{'shape':>6} {'variant':>15} {'ms/step':>8} {'tok/s':>7} {'peak MB':>8} {'step+ MB':>9} {'bwd+ MB':>8} "
