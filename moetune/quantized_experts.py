@@ -56,7 +56,10 @@ def gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: list[in
     """`x[rows of group g] @ w[g]` for each group g; `x [S, in]` sorted by group, `w [G, in, out]`, `counts [G]`."""
     w = w.to(x.dtype)
     grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    if grouped is not None and (x.device.type != "cpu" or _aligned(x, w)):
+    # The device conditions of transformers' `_can_use_grouped_mm`: CUDA from SM80 on, CPU with aligned strides.
+    usable = (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 0)
+              or x.device.type == "cpu" and _aligned(x, w))
+    if grouped is not None and usable:
         return grouped(x, w, offs=offsets)
     pieces, start = [], 0
     for g, n in enumerate(counts):
