@@ -24,7 +24,7 @@ expert's gate_up_proj/down_proj, PEFT's fold (`experts_path: peft`) vs moetune's
 Suite `footprint`: moetune QLoRA on attention, coarse shape, batch 1 x (2 x --seq) tokens with activation
 checkpointing: peak memory of a step over the model's 4-bit footprint.
 Speed: every variant of a suite and shape lives in this process; one step each per round, the order reversed every
-other round; median step time and tokens/s. Memory: each variant again in its own process (glibc's mmap threshold
+other round; median step time and tokens/s; ratios are medians of per-round ratios (robust to a shared machine). Memory: each variant again in its own process (glibc's mmap threshold
 fixed at 64 KiB so freed tensors leave RSS): `peak` = peak anonymous RSS during a step (sampled every 2 ms; on a GPU
 the allocator's peak), `step+` = that peak above the memory before the step, `model` and `experts` = resident bytes
 of the weights (quantization state included); `lora` suite also `bwd+` = the backward's peak above the memory
@@ -350,7 +350,9 @@ def run_suite(suite: str, shape: str, path: Path, data: Path, root: Path, args) 
         memory = json.loads(proc.stdout.strip().splitlines()[-1])
         median = statistics.median(times[v])
         rows.append({"suite": suite, "shape": shape, "variant": v, "median_ms": median * 1000,
-                     "tokens_per_s": tokens(v, batch, args) / median, **memory})
+                     "p10_ms": sorted(times[v])[len(times[v]) // 10] * 1000,
+                     "tokens_per_s": tokens(v, batch, args) / median, **memory,
+                     "times_ms": [t * 1000 for t in times[v]]})
     return rows
 
 
@@ -374,10 +376,13 @@ def ratios(rows: list[dict]) -> dict[str, float]:
         for name, (x, y, what) in pairs.items():
             rx, ry = get(shape, x), get(shape, y)
             if rx and ry:
+                # Times: the median of per-round ratios (the two steps of a round ran next to each other, so they
+                # saw about the same load from whatever else shares the machine).
+                paired = [tx / ty for tx, ty in zip(rx["times_ms"], ry["times_ms"])]
                 if what == "speed":
-                    value = ry["median_ms"] / rx["median_ms"]
+                    value = 1 / statistics.median(paired)
                 elif what == "time":
-                    value = rx["median_ms"] / ry["median_ms"]
+                    value = statistics.median(paired)
                 else:
                     value = rx[what] / max(ry[what], 1e-9)
                 out[f"{shape} {name}"] = round(value, 3)
@@ -428,11 +433,11 @@ def main() -> None:
                 results += rows
     print(f"{platform.processor() or 'cpu'} / {args.device}, {args.threads} threads; torch {torch.__version__}; "
           f"{args.dtype}; batch {args.batch}x{args.seq}; {args.rounds} interleaved rounds; load {os.getloadavg()}")
-    print(f"{'shape':>6} {'variant':>15} {'ms/step':>8} {'tok/s':>7} {'peak MB':>8} {'step+ MB':>9} {'bwd+ MB':>8} "
+    print(f"{'shape':>6} {'variant':>15} {'ms/step':>8} {'p10 ms':>8} {'tok/s':>7} {'peak MB':>8} {'step+ MB':>9} {'bwd+ MB':>8} "
           f"{'model MB':>9} {'experts MB':>10} {'train peak MB':>13}")
     for r in results:
         bwd = f"{r['bwd_plus_mb']:8.1f}" if "bwd_plus_mb" in r else f"{'':>8}"
-        print(f"{r['shape']:>6} {r['variant']:>15} {r['median_ms']:8.1f} {r['tokens_per_s']:7.0f} {r['peak_mb']:8.1f} "
+        print(f"{r['shape']:>6} {r['variant']:>15} {r['median_ms']:8.1f} {r['p10_ms']:8.1f} {r['tokens_per_s']:7.0f} {r['peak_mb']:8.1f} "
               f"{r['step_plus_mb']:9.1f} {bwd} {r['model_mb']:9.1f} {r['experts_mb']:10.1f} {r['train_peak_mb']:13.1f}")
     summary = ratios(results)
     for name, value in summary.items():
