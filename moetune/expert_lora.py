@@ -47,11 +47,11 @@ from moetune.router_controls import _dropout
 _PARAMS = ("gate_up_proj", "down_proj")
 _ATTR = "_moetune_split_lora"  # set on the outermost wrapper while the split forward is installed
 # "auto" picks split from this many experts per layer on (docs/benchmarks.md#expert-lora-peft-fold-vs-split-issue-10,
-# scripts/bench_train.py). Fine-grained (64 experts, width 128): split was 1.6-3.1x faster than PEFT's fold in every
-# run, with 0.5-0.63x its step peak memory. Coarse (8 experts, width 1024): split's step peak is 0.42-0.44x too,
-# but its speed ranged 0.77-1.8x on a shared 2-core machine, so the upstream fold stays the default there until a
-# quiet or GPU measurement shows split >= 1.0x.
-AUTO_MIN_EXPERTS = 16
+# scripts/bench_train.py --suites lora). Fine-grained (64 experts, width 128): split 1.24-3.1x PEFT's fold speed in
+# every run, 0.5-0.8x its step peak. Coarse (8 experts, width 1024): split 1.38-2.02x in the three runs on a quiet
+# or partly quiet machine (0.77-0.85x in one run on an oversubscribed one), step peak 0.42-0.63x in all. So split
+# wherever its layout is supported (`check_supported`); PEFT's fold otherwise.
+AUTO_MIN_EXPERTS = 1
 
 
 def _param_wrapper_type() -> type:
