@@ -157,6 +157,9 @@ class TrainerStep:
         self.trainer, self.batch = trainer, batch
         trainer.create_optimizer()
         trainer.current_gradient_accumulation_steps = 1  # what `Trainer.train` sets before its first step
+        if trainer.args.activation_checkpointing:  # `Trainer.train` turns it on, not the constructor
+            kwargs = dict(trainer.args.activation_checkpointing_kwargs or {})
+            trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
         trainer.model.train()
         self.model = trainer.model
 
