@@ -290,12 +290,11 @@ def measured():
 
 
 def worker(variant: str, path: Path, data: Path, out: Path, args) -> dict:
-    from moetune.quantization import usage_by_group
-
     import peft  # noqa: F401 -- imported before the baseline: library code is not training memory
     import trl  # noqa: F401
 
     import moetune.training  # noqa: F401
+    from moetune.quantization import usage_by_group
 
     batch = torch.load(out / "batch.pt")
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -304,8 +303,7 @@ def worker(variant: str, path: Path, data: Path, out: Path, args) -> dict:
     step()  # warm-up: optimizer state, kernels
     if isinstance(step, ModelStep):  # forward and backward apart: the backward's own extra memory (issue 10)
         with measured() as memory:
-            with measured() as forward:
-                loss = model(input_ids=step.ids, labels=step.ids).loss
+            loss = model(input_ids=step.ids, labels=step.ids).loss
             with measured() as backward:
                 loss.backward()
             step.optimizer.step()
