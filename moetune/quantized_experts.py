@@ -20,7 +20,8 @@ Here instead, per projection:
 runs `expert_lora.split_experts_forward` with no LoRA terms; the split expert-LoRA path uses the same
 `quantized_grouped_linear` for its base weights. Whenever a weight carries more than the 4-bit parametrization
 (PEFT's fold registers its LoRA proxy on it) or the layout is not the standard concatenated one, the module's own
-forward runs, exactly as before.
+forward runs, exactly as before. `model.experts_implementation` (eager / grouped_mm / batched_mm) therefore no
+longer applies to 4-bit experts of the standard layout: they always take this grouped path (the same function).
 """
 
 import types
