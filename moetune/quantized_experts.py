@@ -123,10 +123,30 @@ def _absmax(state) -> torch.Tensor:
 
 
 def _decode(packed: torch.Tensor, absmax: torch.Tensor, state, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    # Always decoded as flat rows, never in the weight's 3-D shape: bitsandbytes 0.50.2's CPU kernel decodes blocks
+    # Always decoded as rows of whole blocks, never in the weight's 3-D shape: bitsandbytes 0.50.2's CPU kernel decodes blocks
     # per row of the shape it is given, so a last dim that is not a multiple of 64 (an expert width of 32, 96, 160)
     # pairs values with the wrong absmax (rel. error 0.17-0.25 instead of nf4's 0.09; tests/test_quantized_experts.py).
     return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, state.blocksize, state.quant_type, shape, dtype)
+
+
+def _row_length(per_expert: int, blocksize: int) -> int:
+    # Rows of whole 64-blocks (never the weight's own last dim, see `_decode`); bitsandbytes' CPU kernel runs rows in
+    # parallel, so long expert rows are cut to <= 16384 elements (measured: one flat row 15 ms, rows 9.5 ms for 8.4M).
+    length = per_expert
+    while length > 16384 and length % 2 == 0 and (length // 2) % blocksize == 0:
+        length //= 2
+    return length
+
+
+def _decode_all(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    per_expert = torch.Size(state.shape[1:]).numel()
+    numel = state.shape.numel()
+    if per_expert % state.blocksize:
+        shape = [numel]  # blocks straddle experts: one flat row
+    else:
+        length = _row_length(per_expert, state.blocksize)
+        shape = [numel // length, length]
+    return _decode(packed, _absmax(state).float(), state, shape, dtype).view(state.shape)
 
 
 def dequantize_experts(experts: nn.Module, name: str, routed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -134,14 +154,14 @@ def dequantize_experts(experts: nn.Module, name: str, routed: torch.Tensor | Non
     state = plain_4bit(experts, name).quant_state
     packed = experts.parametrizations[name].original
     num_experts, per_expert = state.shape[0], torch.Size(state.shape[1:]).numel()
-    absmax = _absmax(state).float()
     if routed is None or per_expert % state.blocksize:
         # Every expert, or blocks that straddle experts: the whole stack.
-        full = _decode(packed, absmax, state, [state.shape.numel()], dtype).view(state.shape)
+        full = _decode_all(packed, state, dtype)
         return full if routed is None else full.index_select(0, routed)
     rows = packed.view(num_experts, -1).index_select(0, routed)  # expert e: bytes e*per/2 ... (e+1)*per/2
-    scales = absmax.view(num_experts, -1).index_select(0, routed).reshape(-1)
-    out = _decode(rows, scales, state, [routed.numel(), per_expert], dtype)
+    scales = _absmax(state).float().view(num_experts, -1).index_select(0, routed).reshape(-1)
+    length = _row_length(per_expert, state.blocksize)  # the same rows as `_decode_all`: the same values, bit for bit
+    out = _decode(rows, scales, state, [routed.numel() * per_expert // length, length], dtype)
     return out.view(routed.numel(), *state.shape[1:])
 
 
@@ -161,9 +181,7 @@ def use_flat_decoding(parametrization: nn.Module) -> None:
         class FlatBnb4bitParametrization(Bnb4bitParametrization):
             @torch.no_grad()
             def forward(self, quantized_param: torch.Tensor) -> torch.Tensor:
-                state = self.quant_state
-                flat = _decode(quantized_param, _absmax(state).float(), state, [state.shape.numel()], state.dtype)
-                return flat.view(state.shape)
+                return _decode_all(quantized_param, self.quant_state, self.quant_state.dtype)
 
         _FLAT_CLASS = FlatBnb4bitParametrization
     parametrization.__class__ = _FLAT_CLASS
