@@ -10,7 +10,8 @@ before reducing it to the LoRA factors. This module computes the same function a
 with the tokens sorted by expert once and every product a grouped matmul over those groups
 (`torch.nn.functional.grouped_mm`, or a loop over experts where its stride rule does not hold). The base weight
 (4-bit ones dequantized as usual) gets no gradient; the LoRA factors get theirs from `[tokens, r]`-sized products.
-A 4-bit base weight is dequantized again in backward instead of being kept dequantized from forward to backward.
+A 4-bit base weight is dequantized only for the routed experts, and again in backward instead of being kept
+(`moetune.quantized_experts`).
 
 Design: parameters, saving and loading stay PEFT's. `add_adapters` still creates PEFT's `ParamWrapper`s, so the
 trainable tensors are PEFT's own `lora_A [r*E, in]` / `lora_B [out, r*E]` and `save_pretrained` /
@@ -37,20 +38,20 @@ import types
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from moetune.errors import MoetuneError
+from moetune.quantized_experts import Routing, gmm, plain_4bit, quantized_grouped_linear
 from moetune.router_controls import _dropout
 
 
 _PARAMS = ("gate_up_proj", "down_proj")
 _ATTR = "_moetune_split_lora"  # set on the outermost wrapper while the split forward is installed
 # "auto" picks split from this many experts per layer on (docs/benchmarks.md#expert-lora-peft-fold-vs-split-issue-10,
-# scripts/bench_train.py). Fine-grained (64 experts, width 128): split was 1.6-3.1x faster than PEFT's fold in every
-# run, with 0.5-0.63x its step peak memory. Coarse (8 experts, width 1024): split's step peak is 0.42-0.44x too,
-# but its speed ranged 0.77-1.8x on a shared 2-core machine, so the upstream fold stays the default there until a
-# quiet or GPU measurement shows split >= 1.0x.
-AUTO_MIN_EXPERTS = 16
+# scripts/bench_train.py --suites lora). Fine-grained (64 experts, width 128): split 1.24-3.1x PEFT's fold speed in
+# every run, 0.5-0.8x its step peak. Coarse (8 experts, width 1024): split 1.38-2.02x in the three runs on a quiet
+# or partly quiet machine (0.77-0.85x in one run on an oversubscribed one), step peak 0.42-0.63x in all. So split
+# wherever its layout is supported (`check_supported`); PEFT's fold otherwise.
+AUTO_MIN_EXPERTS = 1
 
 
 def _param_wrapper_type() -> type:
@@ -183,57 +184,12 @@ def is_split(model: nn.Module) -> bool:
 # The computation
 
 
-def _aligned(*tensors: torch.Tensor) -> bool:
-    # grouped_mm's CPU kernel wants every non-unit stride on a 16-byte boundary (and 16-byte-aligned data).
-    for t in tensors:
-        size = t.element_size()
-        if t.data_ptr() % 16 or any(s != 1 and (s * size) % 16 for s in t.stride()):
-            return False
-    return True
-
-
-def _gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """`x[rows of group e] @ w[e]` for each group e; `x [S, in]` sorted by group, `w [E, in, out]`."""
-    w = w.to(x.dtype)
-    grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    if grouped is not None and (x.device.type != "cpu" or _aligned(x, w)):
-        return grouped(x, w, offs=offsets)
-    pieces, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            pieces.append(x[start:start + n] @ w[e])
-        start += n
-    return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[-1])
-
-
-class _FrozenExpertsLinear(torch.autograd.Function):
-    """`x @ W_e^T` per group for a frozen parametrized (4-bit) weight that is dequantized again in backward.
-
-    Autograd would otherwise keep each layer's dequantized `[E, out, in]` weight alive from forward to backward
-    (as PEFT's fold keeps its folded copy); here only the packed 4-bit weight is kept. Costs one more
-    dequantization per layer in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, experts, name, offsets, counts):
-        ctx.experts, ctx.name, ctx.counts = experts, name, counts
-        ctx.save_for_backward(offsets)
-        return _gmm(x, getattr(experts, name).transpose(1, 2), offsets, counts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (offsets,) = ctx.saved_tensors
-        weight = getattr(ctx.experts, ctx.name)  # [E, out, in]: grad [S, out] @ W_e -> [S, in]
-        return _gmm(grad.contiguous(), weight, offsets, ctx.counts), None, None, None, None
-
-
-def _base_linear(x: torch.Tensor, experts: nn.Module, name: str, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    if parametrize.is_parametrized(experts, name) and torch.is_grad_enabled() and x.requires_grad:
-        original = experts.parametrizations[name].original
-        if not original.requires_grad:
-            return _FrozenExpertsLinear.apply(x, experts, name, offsets, counts)
-    # A plain frozen weight is saved for backward by reference (no copy); a 4-bit one without grad needs nothing.
-    return _gmm(x, getattr(experts, name).transpose(1, 2), offsets, counts)
+def _base_linear(x: torch.Tensor, experts: nn.Module, name: str, routing: Routing) -> torch.Tensor:
+    if plain_4bit(experts, name) is not None:
+        # Frozen 4-bit: only the routed experts are dequantized, again in backward (moetune.quantized_experts).
+        return quantized_grouped_linear(x, experts, name, routing)
+    # A plain frozen weight is saved for backward by reference (no copy).
+    return gmm(x, getattr(experts, name).transpose(1, 2), routing.offsets, routing.counts)
 
 
 def _factors(wrapper: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -280,24 +236,20 @@ def split_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k
         expert_mask: `[E]` booleans; False turns LoRA off for that expert.
     """
     num_tokens, top_k = top_k_index.shape
-    num_experts = experts.num_experts
-    ids = top_k_index.reshape(-1)
-    ids_sorted, perm = torch.sort(ids, stable=True)
-    counts_t = torch.bincount(ids_sorted, minlength=num_experts)
-    counts = counts_t.tolist()  # one sync, used by the loop fallback
-    offsets = torch.cumsum(counts_t, 0, dtype=torch.int32)
+    routing = Routing(top_k_index, experts.num_experts)  # one host sync: the per-expert counts
+    perm, offsets, counts = routing.perm, routing.offsets, routing.counts
     x = hidden_states[perm // top_k]
     lora_keep = None
     if expert_mask is not None and not bool(expert_mask.all()):
-        lora_keep = expert_mask.to(x.device)[ids_sorted].unsqueeze(-1).to(x.dtype)
+        lora_keep = expert_mask.to(x.device)[routing.ids_sorted].unsqueeze(-1).to(x.dtype)
 
     def project(inp: torch.Tensor, name: str) -> torch.Tensor:
-        out = _base_linear(inp, experts, name, offsets, counts)  # no base-weight gradient
+        out = _base_linear(inp, experts, name, routing)  # no base-weight gradient
         if terms[name]:
             lora_in = _dropout(inp, dropout, True) if dropout > 0 else inp
             delta = None
             for a_t, b_t, scale in terms[name]:
-                d = _gmm(_gmm(lora_in, a_t, offsets, counts), b_t, offsets, counts) * scale
+                d = gmm(gmm(lora_in, a_t, offsets, counts), b_t, offsets, counts) * scale
                 delta = d if delta is None else delta + d
             out = out + (delta * lora_keep if lora_keep is not None else delta)
         return out

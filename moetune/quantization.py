@@ -132,6 +132,8 @@ class _QuantizeOp(ConversionOps):
                 missing_keys: set[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         from bitsandbytes.nn.parametrize import replace_parameter_4bit_prequantized
 
+        from moetune.quantized_experts import use_flat_decoding
+
         config = self.hf_quantizer.quantization_config
         linear = {}
         for name, value in input_dict.items():
@@ -145,6 +147,7 @@ class _QuantizeOp(ConversionOps):
             packed, state = quantize_4bit_chunked(value, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant)
             setattr(module, attr, nn.Parameter(packed, requires_grad=False))
             replace_parameter_4bit_prequantized(module, attr, state.as_dict(packed=True), packed.device)
+            use_flat_decoding(module.parametrizations[attr][0])  # bitsandbytes' CPU decode is wrong for some widths
             module.parametrizations[attr].original._is_hf_initialized = True
             module._is_hf_initialized = True
             if missing_keys is not None:
@@ -192,6 +195,10 @@ class MoEBnb4BitHfQuantizer(Bnb4BitHfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         model = super()._process_model_after_weight_loading(model, **kwargs)
+        from moetune.quantized_experts import install_quantized_forward
+
+        # Dequantize only the routed experts, and again in backward rather than keeping them (issue 10, item 3).
+        install_quantized_forward(model)
         # Downstream (Trainer, PEFT, TRL, `.to()` guards) must see an ordinary bitsandbytes model.
         model.quantization_method = QuantizationMethod.BITS_AND_BYTES
         return model

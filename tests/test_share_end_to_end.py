@@ -43,7 +43,8 @@ def test_qlora_run_is_usable_everywhere(tiny_model_dir, tmp_path, monkeypatch):
         plain = AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(ids).logits
         section = ModelSection(name_or_path=str(model_dir), dtype="float32")
         reference = load_adapter(load_model(section)[0], out)(ids).logits
-        torch.testing.assert_close(plain, reference, atol=0, rtol=0)
+        # Expert LoRA: moetune computes it the split way, plain PEFT folds it; same function, other rounding.
+        torch.testing.assert_close(plain, reference, atol=1e-5, rtol=1e-4)
 
         model, _ = load_for_inference(out)  # as trained: 4-bit base
         assert model.base_model.model.is_loaded_in_4bit

@@ -1,0 +1,285 @@
+"""4-bit fused experts that dequantize only the experts a batch routes to, and again in backward.
+
+moetune stores each fused expert weight (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`) as one bitsandbytes 4-bit
+parametrization (`moetune.quantization`). Reading `experts.gate_up_proj` dequantizes all E experts, and
+transformers' grouped_mm/eager forward does that on every forward; autograd then keeps the dequantized `[E, out, in]`
+weights of every layer alive until backward. On fine-grained MoEs (64-128 small experts) that dequantization, not
+the matmuls, dominates a CPU step (docs/benchmarks.md, issue 10).
+
+Here instead, per projection:
+* tokens are grouped by expert once (one host sync per layer for the per-expert counts);
+* only the experts with at least one token are dequantized (bitsandbytes' own `dequantize_4bit` op on their slices:
+  bitsandbytes quantizes the flattened `[E, out, in]` tensor in 64-element blocks, so expert e's packed bytes and
+  absmax blocks are a contiguous row of `packed.view(E, -1)` / `absmax.view(E, -1)` whenever out*in is a multiple
+  of 64; the saved format is unchanged);
+* the dequantized weight is freed right after the grouped matmul and recomputed in backward (a custom autograd
+  Function that saves nothing but the routing), so at most one projection's routed experts are ever dequantized,
+  and of those at most `DEQUANT_CHUNK_BYTES` at a time.
+
+`install_quantized_forward` gives each 4-bit experts module an instance-level `forward` (no class is patched) that
+runs `expert_lora.split_experts_forward` with no LoRA terms; the split expert-LoRA path uses the same
+`quantized_grouped_linear` for its base weights. Whenever a weight carries more than the 4-bit parametrization
+(PEFT's fold registers its LoRA proxy on it) or the layout is not the standard concatenated one, the module's own
+forward runs, exactly as before. `model.experts_implementation` (eager / grouped_mm / batched_mm) therefore no
+longer applies to 4-bit experts of the standard layout: they always take this grouped path (the same function).
+"""
+
+import types
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+_PARAMS = ("gate_up_proj", "down_proj")
+_ATTR = "_moetune_quantized_forward"
+# Most bytes of dequantized expert weights held at once: larger routed stacks are decoded and multiplied a run of
+# experts at a time. 64 MiB keeps the transient small next to any real model's 4-bit weights (a whole Mixtral-8x7B
+# gate_up_proj stack would be 1.9 GB in bf16, a Qwen3-30B-A3B one 0.8 GB) while a run is still many experts wide
+# for fine-grained models (grouped_mm stays efficient); one expert larger than this is decoded alone.
+DEQUANT_CHUNK_BYTES = 64 << 20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grouped matmul
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    # grouped_mm's CPU kernel wants every non-unit stride on a 16-byte boundary (and 16-byte-aligned data).
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(s != 1 and (s * size) % 16 for s in t.stride()):
+            return False
+    return True
+
+
+def gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """`x[rows of group g] @ w[g]` for each group g; `x [S, in]` sorted by group, `w [G, in, out]`, `counts [G]`."""
+    w = w.to(x.dtype)
+    grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    # The device conditions of transformers' `_can_use_grouped_mm`: CUDA from SM80 on, CPU with aligned strides.
+    usable = (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 0)
+              or x.device.type == "cpu" and _aligned(x, w))
+    if grouped is not None and usable:
+        return grouped(x, w, offs=offsets)
+    pieces, start = [], 0
+    for g, n in enumerate(counts):
+        if n:
+            pieces.append(x[start:start + n] @ w[g])
+        start += n
+    return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[-1])
+
+
+class Routing:
+    """Tokens grouped by expert, computed once per MoE layer forward and shared by both projections.
+
+    Attributes:
+        perm: `[T*k]` order that sorts the (token, slot) pairs by expert (stable).
+        ids_sorted: `[T*k]` expert id of each sorted pair.
+        counts: per-expert pair counts (host list; the one sync of the layer).
+        offsets: `[E]` int32 cumulative counts, for grouped_mm over all experts.
+        routed: `[G]` ids of the experts with at least one pair; `routed_counts`, `routed_offsets` the same
+            over those only (what the 4-bit path dequantizes and multiplies).
+    """
+
+    def __init__(self, top_k_index: torch.Tensor, num_experts: int):
+        ids = top_k_index.reshape(-1)
+        self.ids_sorted, self.perm = torch.sort(ids, stable=True)
+        counts_t = torch.bincount(self.ids_sorted, minlength=num_experts)
+        self.counts = counts_t.tolist()
+        self.offsets = torch.cumsum(counts_t, 0, dtype=torch.int32)
+        routed = [e for e, n in enumerate(self.counts) if n]
+        self.all_routed = len(routed) == num_experts
+        self.routed = torch.tensor(routed, dtype=torch.long, device=ids.device)
+        self.routed_counts = [self.counts[e] for e in routed]
+        self.routed_offsets = self.offsets if self.all_routed else self.offsets[self.routed]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dequantizing some experts
+
+
+def plain_4bit(experts: nn.Module, name: str):
+    """The `Bnb4bitParametrization` of `experts.<name>` when that is its only parametrization, else None."""
+    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+
+    # `_modules`, not getattr: PEFT wrappers forward unknown attributes to their base layer.
+    plists = experts._modules.get("parametrizations") if parametrize.is_parametrized(experts) else None
+    if plists is None or name not in plists:
+        return None
+    plist = plists[name]
+    if len(plist) != 1 or not isinstance(plist[0], Bnb4bitParametrization):
+        return None  # e.g. PEFT's LoRA proxy on top: its forward must see the folded weight
+    return plist[0]
+
+
+def _absmax(state) -> torch.Tensor:
+    if not state.nested:
+        return state.absmax
+    from bitsandbytes import functional as F
+
+    # Double quantization: absmax is itself 8-bit; 1/64 of the weight's elements, cheap to decode whole.
+    return F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+
+
+def _decode(packed: torch.Tensor, absmax: torch.Tensor, state, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    # Always decoded as rows of whole blocks, never in the weight's 3-D shape: bitsandbytes 0.50.2's CPU kernel decodes blocks
+    # per row of the shape it is given, so a last dim that is not a multiple of 64 (an expert width of 32, 96, 160)
+    # pairs values with the wrong absmax (rel. error 0.17-0.25 instead of nf4's 0.09; tests/test_quantized_experts.py).
+    return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, state.blocksize, state.quant_type, shape, dtype)
+
+
+def _row_length(per_expert: int, blocksize: int) -> int:
+    # Rows of whole 64-blocks (never the weight's own last dim, see `_decode`); bitsandbytes' CPU kernel runs rows in
+    # parallel, so long expert rows are cut to <= 16384 elements (measured: one flat row 15 ms, rows 9.5 ms for 8.4M).
+    length = per_expert
+    while length > 16384 and length % 2 == 0 and (length // 2) % blocksize == 0:
+        length //= 2
+    return length
+
+
+def _decode_all(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    per_expert = torch.Size(state.shape[1:]).numel()
+    numel = state.shape.numel()
+    if per_expert % state.blocksize:
+        shape = [numel]  # blocks straddle experts: one flat row
+    else:
+        length = _row_length(per_expert, state.blocksize)
+        shape = [numel // length, length]
+    return _decode(packed, _absmax(state).float(), state, shape, dtype).view(state.shape)
+
+
+def dequantize_experts(experts: nn.Module, name: str, routed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize experts `routed` (all when None) of the 4-bit `experts.<name>` to `[len(routed), out, in]`."""
+    state = plain_4bit(experts, name).quant_state
+    packed = experts.parametrizations[name].original
+    num_experts, per_expert = state.shape[0], torch.Size(state.shape[1:]).numel()
+    if routed is None or per_expert % state.blocksize:
+        # Every expert, or blocks that straddle experts: the whole stack.
+        full = _decode_all(packed, state, dtype)
+        return full if routed is None else full.index_select(0, routed)
+    rows = packed.view(num_experts, -1).index_select(0, routed)  # expert e: bytes e*per/2 ... (e+1)*per/2
+    scales = _absmax(state).float().view(num_experts, -1).index_select(0, routed).reshape(-1)
+    length = _row_length(per_expert, state.blocksize)  # the same rows as `_decode_all`: the same values, bit for bit
+    out = _decode(rows, scales, state, [routed.numel() * per_expert // length, length], dtype)
+    return out.view(routed.numel(), *state.shape[1:])
+
+
+_FLAT_CLASS = None
+
+
+def use_flat_decoding(parametrization: nn.Module) -> None:
+    """Make a bitsandbytes `Bnb4bitParametrization` decode its weight as flat rows (see `_decode`).
+
+    Reading `experts.gate_up_proj` (PEFT's fold, merging, any whole-stack use) then gives the same values as the
+    routed path. Only the class changes (a subclass): the stored tensors and state-dict format do not.
+    """
+    global _FLAT_CLASS
+    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+
+    if _FLAT_CLASS is None:
+        class FlatBnb4bitParametrization(Bnb4bitParametrization):
+            @torch.no_grad()
+            def forward(self, quantized_param: torch.Tensor) -> torch.Tensor:
+                return _decode_all(quantized_param, self.quant_state, self.quant_state.dtype)
+
+        _FLAT_CLASS = FlatBnb4bitParametrization
+    parametrization.__class__ = _FLAT_CLASS
+
+
+def _chunks(routing: Routing, expert_bytes: int) -> list[tuple[int, int]]:
+    """Runs `[a, b)` of consecutive routed experts whose dequantized weights fit `DEQUANT_CHUNK_BYTES` (>= 1 each)."""
+    per_chunk = max(1, DEQUANT_CHUNK_BYTES // max(expert_bytes, 1))
+    return [(a, min(a + per_chunk, len(routing.routed_counts))) for a in range(0, len(routing.routed_counts), per_chunk)]
+
+
+def _project(x: torch.Tensor, experts: nn.Module, name: str, routing: Routing, transpose: bool) -> torch.Tensor:
+    """Rows of `x` (sorted by expert) times each routed expert's dequantized weight, `W^T` (forward) or `W` (backward).
+
+    The routed experts are dequantized a run at a time (`_chunks`), each run freed before the next is decoded.
+    """
+    state = plain_4bit(experts, name).quant_state
+    expert_bytes = torch.Size(state.shape[1:]).numel() * x.element_size()
+    runs = _chunks(routing, expert_bytes)
+    if len(runs) == 1:
+        weight = dequantize_experts(experts, name, None if routing.all_routed else routing.routed, x.dtype)
+        return gmm(x, weight.transpose(1, 2) if transpose else weight, routing.routed_offsets, routing.routed_counts)
+    out = x.new_empty(x.shape[0], state.shape[1] if transpose else state.shape[2])
+    row = 0
+    for a, b in runs:
+        counts = routing.routed_counts[a:b]
+        rows = sum(counts)
+        weight = dequantize_experts(experts, name, routing.routed[a:b], x.dtype)
+        offsets = torch.tensor(counts, device=x.device).cumsum(0, dtype=torch.int32)
+        out[row:row + rows] = gmm(x[row:row + rows], weight.transpose(1, 2) if transpose else weight, offsets, counts)
+        del weight
+        row += rows
+    return out
+
+
+class _QuantizedGroupedLinear(torch.autograd.Function):
+    """`x @ W_e^T` per group for a frozen 4-bit weight: routed experts dequantized in forward, again in backward.
+
+    Nothing weight-sized is saved for backward: only the routing (already alive for the layer).
+    """
+
+    @staticmethod
+    def forward(ctx, x, experts, name, routing):
+        ctx.experts, ctx.name, ctx.routing = experts, name, routing
+        return _project(x, experts, name, routing, transpose=True)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [S, out] @ W_e -> [S, in]
+        return _project(grad.contiguous(), ctx.experts, ctx.name, ctx.routing, transpose=False), None, None, None
+
+
+def quantized_grouped_linear(x: torch.Tensor, experts: nn.Module, name: str, routing: Routing) -> torch.Tensor:
+    """Base projection of a frozen plain 4-bit expert weight over tokens sorted by `routing`."""
+    return _QuantizedGroupedLinear.apply(x, experts, name, routing)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The experts forward for attention-only QLoRA (no LoRA on the experts)
+
+
+def _standard_layout(experts: nn.Module) -> bool:
+    return (getattr(experts, "has_gate", False) and getattr(experts, "is_concatenated", False)
+            and not getattr(experts, "is_transposed", False) and not getattr(experts, "has_bias", False)
+            and not getattr(experts, "has_post_expert_norm", False) and hasattr(experts, "num_experts"))
+
+
+def _quantized_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                       top_k_weights: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+    if (args or kwargs or top_k_index is None or top_k_weights is None or getattr(self, "_is_expert_parallel", False)
+            or any(plain_4bit(self, name) is None for name in _PARAMS)):
+        # PEFT's fold proxy on a weight, expert parallelism, an unexpected call: the family's own forward.
+        return type(self).forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+    from moetune.expert_lora import split_experts_forward
+
+    return split_experts_forward(self, hidden_states, top_k_index, top_k_weights, {name: [] for name in _PARAMS})
+
+
+def install_quantized_forward(model: nn.Module) -> int:
+    """Give every 4-bit experts module of the standard fused layout the dequantize-routed-only forward.
+
+    Idempotent. Returns the number of experts modules switched (others keep their own forward).
+    """
+    installed = 0
+    for module in model.modules():
+        if (_standard_layout(module) and all(plain_4bit(module, n) is not None for n in _PARAMS)
+                and _ATTR not in module.__dict__):
+            object.__setattr__(module, _ATTR, True)
+            module.forward = types.MethodType(_quantized_forward, module)
+            installed += 1
+    return installed
+
+
+def remove_quantized_forward(model: nn.Module) -> int:
+    """Undo `install_quantized_forward` (the family's forward, which dequantizes every expert). Returns the count."""
+    removed = 0
+    for module in model.modules():
+        if _ATTR in module.__dict__:
+            del module.__dict__[_ATTR]
+            del module.__dict__["forward"]
+            removed += 1
+    return removed

@@ -1,0 +1,163 @@
+"""4-bit experts dequantize only the routed experts, again in backward, and compute what the dequantize-all path does."""
+
+import pytest
+import torch
+from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+
+from moetune import quantized_experts
+from moetune.adapters import add_adapters
+from moetune.architectures import find_moe_layers
+from moetune.config import LoraSection, ModelSection, QuantizationSection
+from moetune.loading import load_model
+from moetune.quantized_experts import dequantize_experts, install_quantized_forward, remove_quantized_forward
+
+
+def _load(path, double_quant=True):
+    return load_model(ModelSection(name_or_path=str(path), dtype="float32"), QuantizationSection(double_quant=double_quant),
+                      with_tokenizer=False)[0]
+
+
+def _randomize_lora(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def _step(model, ids):
+    """Logits, d(loss)/d(input embeddings) and every trainable gradient of one forward + backward."""
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.logits.detach(), embeds.grad, grads
+
+
+def _close(a, b):
+    # Both paths multiply the same dequantized values; only grouped_mm's blocking may differ (a wrong expert slice
+    # or a missed expert would be off by the whole expert output, ~1e-1 of the scale here).
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["nested", "plain"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_dequantizing_some_experts_gives_their_slices_exactly(tiny_model_dir, arch, double_quant):
+    model = _load(tiny_model_dir(arch), double_quant)
+    experts = find_moe_layers(model)[0].experts
+    for name in ("gate_up_proj", "down_proj"):
+        full = getattr(experts, name)  # the parametrization: bitsandbytes dequantizes the whole stack
+        assert torch.equal(dequantize_experts(experts, name, None, torch.float32), full)
+        some = torch.tensor([3, 0])
+        assert torch.equal(dequantize_experts(experts, name, some, torch.float32), full[some])
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_attention_qlora_equals_the_dequantize_everything_path(tiny_model_dir, arch):
+    model = add_adapters(_load(tiny_model_dir(arch)), LoraSection(r=4, targets=["attention"]))
+    _randomize_lora(model)
+    model.train()
+    ids = torch.randint(6, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert quantized_experts._ATTR in find_moe_layers(model)[0].experts.__dict__  # installed by load_model
+    logits, d_embeds, grads = _step(model, ids)
+    assert remove_quantized_forward(model) == 2  # both layers: back to transformers' grouped_mm on the dequantized stack
+    ref_logits, ref_d_embeds, ref_grads = _step(model, ids)
+    assert _close(logits, ref_logits), (logits - ref_logits).abs().max()
+    assert _close(d_embeds, ref_d_embeds)
+    assert set(grads) == set(ref_grads) and len(grads) == 2 * 4 * 2  # 2 layers x q/k/v/o x A/B
+    for name, grad in grads.items():
+        assert ref_grads[name].abs().sum() > 0 and _close(grad, ref_grads[name]), name
+    assert install_quantized_forward(model) == 2
+
+
+def test_experts_without_tokens_are_never_dequantized(tiny_model_dir, monkeypatch):
+    model = add_adapters(_load(tiny_model_dir("qwen3_moe", num_experts=8)), LoraSection(r=4, targets=["attention"]))
+    model.train()
+    routed, decoded, whole = {}, [], []
+    for layer in find_moe_layers(model):  # which experts each layer really routes to, from its inputs
+        layer.experts.register_forward_pre_hook(
+            lambda module, args, name=layer.experts_name: routed.setdefault(name, set()).update(args[1].flatten().tolist()))
+    real = quantized_experts.dequantize_experts
+
+    def counting(experts, name, ids, dtype):
+        decoded.append((experts, set(range(experts.num_experts)) if ids is None else set(ids.tolist())))
+        return real(experts, name, ids, dtype)
+
+    real_parametrization = Bnb4bitParametrization.forward
+    monkeypatch.setattr(quantized_experts, "dequantize_experts", counting)
+    monkeypatch.setattr(Bnb4bitParametrization, "forward",
+                        lambda self, x: whole.append(x.shape) or real_parametrization(self, x))
+    ids = torch.randint(6, 400, (1, 2), generator=torch.Generator().manual_seed(0))  # 2 tokens x top-2 of 8 experts
+    model(ids, labels=ids).loss.backward()
+    assert not whole  # the whole-stack dequantization (the parametrization) never ran
+    by_module = {id(layer.experts): layer.experts_name for layer in find_moe_layers(model)}
+    assert len(decoded) == 2 * 2 * 2  # layers x projections x (forward, backward)
+    for experts, decoded_ids in decoded:
+        assert decoded_ids == routed[by_module[id(experts)]] and len(decoded_ids) < 8
+
+
+def test_no_dequantized_weight_is_kept_for_backward(tiny_model_dir):
+    model = add_adapters(_load(tiny_model_dir("mixtral")), LoraSection(r=4, targets=["attention"]))
+    model.train()
+    experts = find_moe_layers(model)[0].experts
+    stacks = {tuple(experts.parametrizations[n][0].quant_state.shape) for n in ("gate_up_proj", "down_proj")}
+    stacks |= {(e, i, o) for e, o, i in stacks}  # grouped_mm saves the transposed view
+    ids = torch.randint(6, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def saved_expert_stacks():
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return sum(shape in stacks for shape in shapes)
+
+    assert saved_expert_stacks() == 0  # backward dequantizes again
+    remove_quantized_forward(model)
+    assert saved_expert_stacks() == 2 * 2  # the dequantize-everything path keeps both stacks of both layers
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["nested", "plain"])
+def test_narrow_experts_dequantize_as_accurately_as_any_4bit_weight(tiny_model_dir, double_quant):
+    # down_proj [E, H, 32]: bitsandbytes 0.50.2's CPU `dequantize_4bit` given that 3-D shape decodes blocks per row of
+    # 32 and pairs values with the wrong absmax; moetune decodes flat rows and gets nf4's usual error, both in the
+    # routed path and when the whole stack is read (`experts.down_proj`: PEFT's fold, merging).
+    from bitsandbytes import functional as F
+
+    path = tiny_model_dir("mixtral")
+    exact = load_model(ModelSection(name_or_path=str(path), dtype="float32"), with_tokenizer=False)[0]
+    experts = find_moe_layers(_load(path, double_quant))[0].experts
+    reference = find_moe_layers(exact)[0].experts.down_proj.detach()
+    assert reference.shape[-1] == 32
+
+    def error(w):
+        return float((w - reference).norm() / reference.norm())
+
+    ours = dequantize_experts(experts, "down_proj", None, torch.float32)
+    assert error(ours) < 0.12  # nf4 with 64-element blocks: ~0.09 (STACK.md: 0.092 for Linear4bit)
+    assert torch.equal(dequantize_experts(experts, "down_proj", torch.tensor([2, 1]), torch.float32), ours[[2, 1]])
+    assert torch.equal(experts.down_proj, ours)
+    parametrization = experts.parametrizations["down_proj"]
+    bnb_own = F.dequantize_4bit(parametrization.original, parametrization[0].quant_state)
+    assert error(bnb_own) > 0.15  # the bug this works around; when it fails, bitsandbytes is fixed
+
+
+def test_large_routed_stacks_are_decoded_a_run_of_experts_at_a_time(tiny_model_dir, monkeypatch):
+    model = add_adapters(_load(tiny_model_dir("qwen3_moe", num_experts=8)), LoraSection(r=4, targets=["attention"]))
+    _randomize_lora(model)
+    model.train()
+    ids = torch.randint(6, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    whole_logits, whole_d_embeds, whole_grads = _step(model, ids)
+    experts = find_moe_layers(model)[0].experts
+    expert_bytes = experts.parametrizations["gate_up_proj"][0].quant_state.shape[1:].numel() * 4
+    monkeypatch.setattr(quantized_experts, "DEQUANT_CHUNK_BYTES", 3 * expert_bytes)  # gate_up: runs of 3 experts
+    sizes = []
+    real = quantized_experts.dequantize_experts
+    monkeypatch.setattr(quantized_experts, "dequantize_experts",
+                        lambda experts, name, ids, dtype: sizes.append(real(experts, name, ids, dtype).numel() * 4)
+                        or real(experts, name, ids, dtype))
+    logits, d_embeds, grads = _step(model, ids)
+    assert max(sizes) <= 3 * expert_bytes and len(sizes) > 2 * 2 * 2  # more than one run per projection
+    assert _close(logits, whole_logits) and _close(d_embeds, whole_d_embeds)
+    assert all(_close(grads[n], whole_grads[n]) for n in grads)
