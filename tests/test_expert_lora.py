@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from grad_checks import forward_backward
 from peft import PeftModel
 
 from moetune.adapters import add_adapters, load_adapter
@@ -33,16 +34,6 @@ def _ids(seed=0):
     return torch.randint(6, 400, (2, 16), generator=torch.Generator().manual_seed(seed))
 
 
-def _step(model, ids):
-    """Logits, d(loss)/d(input embeddings) and every LoRA gradient of one forward + backward."""
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    out = model(inputs_embeds=embeds, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return out.logits.detach(), embeds.grad, grads
-
-
 def _close(a, b):
     # fp32; the fold and the split path associate the same products differently, so allow rounding at 1e-5 of
     # the tensor's scale (a mispaired expert would be off by the whole LoRA term, ~1e-1 here).
@@ -57,9 +48,9 @@ def test_split_equals_peft_fold_expert_by_expert(tiny_model_dir, arch, quantized
     _randomize_lora(model)
     model.train()
     ids = _ids()
-    logits, d_embeds, grads = _step(model, ids)
+    logits, d_embeds, grads = forward_backward(model, ids)
     assert install_split_lora(model) == 2 and is_split(model)
-    split_logits, split_d_embeds, split_grads = _step(model, ids)
+    split_logits, split_d_embeds, split_grads = forward_backward(model, ids)
     assert _close(split_logits, logits), (split_logits - logits).abs().max()
     assert _close(split_d_embeds, d_embeds)
     checked = 0
@@ -79,7 +70,7 @@ def test_split_equals_peft_fold_expert_by_expert(tiny_model_dir, arch, quantized
     assert checked == 2 * 2 * 4  # 2 layers x (gate_up_proj, down_proj) x 4 experts
     assert set(split_grads) == set(grads)
     remove_split_lora(model)
-    assert not is_split(model) and _close(_step(model, ids)[0], logits)
+    assert not is_split(model) and _close(forward_backward(model, ids)[0], logits)
 
 
 def test_add_adapters_follows_experts_path(tiny_model_dir):
@@ -142,12 +133,12 @@ def test_expert_mask_turns_lora_off_for_unchosen_experts(tiny_model_dir):
     model.train()
     ids = _ids()
     install_split_lora(model, expert_mask=[True, False, True, True])
-    logits, _, grads = _step(model, ids)
+    logits, _, grads = forward_backward(model, ids)
     remove_split_lora(model)
     with torch.no_grad():  # the same as PEFT's fold with expert 1's LoRA zeroed
         for _, wrapper in _expert_wrappers(model):
             wrapper.lora_B["default"].weight[:, 1::4] = 0
-    assert _close(_step(model, ids)[0], logits)
+    assert _close(forward_backward(model, ids)[0], logits)
     for name, _ in _expert_wrappers(model):
         assert grads[f"{name}.lora_A.default.weight"][4:8].abs().sum() == 0
         assert grads[f"{name}.lora_B.default.weight"][:, 1::4].abs().sum() == 0

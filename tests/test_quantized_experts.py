@@ -3,6 +3,7 @@
 import pytest
 import torch
 from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+from grad_checks import forward_backward
 
 from moetune import quantized_experts
 from moetune.adapters import add_adapters
@@ -23,16 +24,6 @@ def _randomize_lora(model, seed=0):
         for name, param in model.named_parameters():
             if ".lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-
-
-def _step(model, ids):
-    """Logits, d(loss)/d(input embeddings) and every trainable gradient of one forward + backward."""
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    out = model(inputs_embeds=embeds, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return out.logits.detach(), embeds.grad, grads
 
 
 def _close(a, b):
@@ -60,9 +51,9 @@ def test_attention_qlora_equals_the_dequantize_everything_path(tiny_model_dir, a
     model.train()
     ids = torch.randint(6, 400, (2, 16), generator=torch.Generator().manual_seed(0))
     assert quantized_experts._ATTR in find_moe_layers(model)[0].experts.__dict__  # installed by load_model
-    logits, d_embeds, grads = _step(model, ids)
+    logits, d_embeds, grads = forward_backward(model, ids)
     assert remove_quantized_forward(model) == 2  # both layers: back to transformers' grouped_mm on the dequantized stack
-    ref_logits, ref_d_embeds, ref_grads = _step(model, ids)
+    ref_logits, ref_d_embeds, ref_grads = forward_backward(model, ids)
     assert _close(logits, ref_logits), (logits - ref_logits).abs().max()
     assert _close(d_embeds, ref_d_embeds)
     assert set(grads) == set(ref_grads) and len(grads) == 2 * 4 * 2  # 2 layers x q/k/v/o x A/B
@@ -148,7 +139,7 @@ def test_large_routed_stacks_are_decoded_a_run_of_experts_at_a_time(tiny_model_d
     _randomize_lora(model)
     model.train()
     ids = torch.randint(6, 400, (2, 16), generator=torch.Generator().manual_seed(0))
-    whole_logits, whole_d_embeds, whole_grads = _step(model, ids)
+    whole_logits, whole_d_embeds, whole_grads = forward_backward(model, ids)
     experts = find_moe_layers(model)[0].experts
     expert_bytes = experts.parametrizations["gate_up_proj"][0].quant_state.shape[1:].numel() * 4
     monkeypatch.setattr(quantized_experts, "DEQUANT_CHUNK_BYTES", 3 * expert_bytes)  # gate_up: runs of 3 experts
@@ -157,7 +148,7 @@ def test_large_routed_stacks_are_decoded_a_run_of_experts_at_a_time(tiny_model_d
     monkeypatch.setattr(quantized_experts, "dequantize_experts",
                         lambda experts, name, ids, dtype: sizes.append(real(experts, name, ids, dtype).numel() * 4)
                         or real(experts, name, ids, dtype))
-    logits, d_embeds, grads = _step(model, ids)
+    logits, d_embeds, grads = forward_backward(model, ids)
     assert max(sizes) <= 3 * expert_bytes and len(sizes) > 2 * 2 * 2  # more than one run per projection
     assert _close(logits, whole_logits) and _close(d_embeds, whole_d_embeds)
     assert all(_close(grads[n], whole_grads[n]) for n in grads)
