@@ -158,8 +158,8 @@ class DistributedSection(Strict):
     expert_parallel: int = Field(1, ge=1)
     """Ranks that each MoE layer's experts are split over (transformers' expert parallelism: each rank holds
     num_experts / N experts and tokens travel to their experts by all-to-all), composed with FSDP2 over all ranks.
-    Must divide the world size and the expert count; not with LoRA on the experts, `experts` (ESFT), 4-bit or
-    `--resume` (checkpoints hold the weights only). 1: every rank holds every expert."""
+    Must divide the world size and the expert count; not with LoRA on the experts, `experts` (ESFT) or 4-bit.
+    `--resume` works (tested on the same number of ranks). 1: every rank holds every expert."""
 
 
 class Recipe(Strict):

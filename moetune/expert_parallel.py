@@ -96,22 +96,16 @@ def distributed_config(recipe: Recipe, world_size: int, config=None):
 
 
 def trainer_arguments(recipe: Recipe, world_size: int, *, resume: bool = False) -> dict:
-    """Extra trl.SFTConfig kwargs for expert_parallel > 1: checkpoints hold the model (or adapter) only.
+    """Extra trl.SFTConfig kwargs for expert_parallel > 1: `save_only_model=True`.
 
-    HF Trainer cannot write the optimizer state of a model sharded at load time (transformers 5.23 raises without
-    `save_only_model=True`), so such a checkpoint cannot continue a run with the same trajectory: `--resume` is
-    refused instead of silently restarting the optimizer and schedule.
-
-    Raises:
-        RecipeError: `resume` with expert_parallel > 1.
+    transformers 5.23's Trainer refuses to checkpoint a model sharded at load time unless `save_only_model=True`
+    (docs/upstream.md#expert-parallel). moetune sets it, so Trainer writes the consolidated weights, and
+    `MoETrainer` adds the optimizer, scheduler and RNG states itself (moetune/ep_checkpoint.py): `--resume`
+    continues the run with the same trajectory. `resume` changes nothing here.
     """
     ep = recipe.distributed.expert_parallel
     if ep == 1 or world_size == 1:
         return {}
-    if resume:
-        raise RecipeError(f"--resume is not supported with `{KEY}`={ep}: transformers cannot checkpoint the optimizer "
-                          f"state of expert-sharded models (its checkpoints hold the weights only). Start the run "
-                          f"again, or train with {KEY}: 1 (DDP, FSDP2 or ZeRO keep resumable checkpoints)")
     return {"save_only_model": True}
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from trl import SFTTrainer
 
+from moetune import ep_checkpoint
 from moetune.architectures import describe_moe
 from moetune.config import MoESection
 from moetune.errors import MoetuneError, TrainingDiverged
@@ -162,8 +163,12 @@ class MoETrainer(SFTTrainer):
     def _save_checkpoint(self, model, trial) -> None:
         self.check_weights_finite("checkpoint")
         super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.is_distributed_loading_by_transformers:
+            # Expert parallelism: Trainer writes the weights only (save_only_model); add the optimizer, scheduler
+            # and RNG states itself (moetune/ep_checkpoint.py, docs/upstream.md#expert-parallel).
+            ep_checkpoint.save(self, folder)
         if self.args.should_save:  # written last: `--resume` takes only checkpoints that carry it
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             mark_checkpoint_complete(folder)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -187,6 +192,16 @@ class MoETrainer(SFTTrainer):
             del model.save_pretrained
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # Expert parallelism: ep_state/ holds the sharded (DTensor) weights as they were, in the layout the model
+        # trains in; the consolidated model.safetensors (full tensors) is for loading on one process.
+        if self.is_distributed_loading_by_transformers:
+            if not ep_checkpoint.has_state(resume_from_checkpoint):
+                raise MoetuneError(
+                    f"{resume_from_checkpoint} holds the weights only (written by an older moetune, which could not "
+                    "checkpoint the optimizer of an expert-parallel run), so resuming from it would restart the "
+                    "optimizer and schedule; start the run again instead of --resume"
+                )
+            return  # the sharded weights come from ep_state/ with the optimizer (`_load_optimizer_and_scheduler`)
         # PEFT's `load_adapter` upcasts adapter weights to fp32, while TRL trains LoRA in bf16 on a 4-bit base: keep
         # the dtypes training ran in, or the resumed run would continue in another precision than it started.
         model = model if model is not None else self.model
@@ -195,6 +210,12 @@ class MoETrainer(SFTTrainer):
         for name, param in model.named_parameters():
             if name in dtypes and param.dtype != dtypes[name]:
                 param.data = param.data.to(dtypes[name])
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and self.is_distributed_loading_by_transformers and ep_checkpoint.has_state(checkpoint):
+            ep_checkpoint.load(self, checkpoint)  # RNG: Trainer's `_load_rng_state` reads rng_state_<rank>.pth
+            return
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # Upstream only warns about missing keys on resume; a missing key here means a weight silently keeps its

@@ -81,19 +81,17 @@ def main() -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
     torch.save(logits.float().cpu(), report_dir / f"logits{rank}.pt")
 
-    resumable = recipe.distributed.expert_parallel == 1
-    if resumable:
-        if rank == 0:  # run "b" = run "a" stopped right after checkpoint-2
-            shutil.copytree(out / "a", out / "b", ignore=shutil.ignore_patterns("checkpoint-4", "*.lock", ".lock*"))
-            (out / "b" / "metrics.json").unlink()
-        dist.barrier()
-        finetune(recipe_path, overrides=[f"output.dir={out / 'b'}"], resume=True)
+    if rank == 0:  # run "b" = run "a" stopped right after checkpoint-2
+        shutil.copytree(out / "a", out / "b", ignore=shutil.ignore_patterns("checkpoint-4", "*.lock", ".lock*"))
+        (out / "b" / "metrics.json").unlink()
+    dist.barrier()
+    finetune(recipe_path, overrides=[f"output.dir={out / 'b'}"], resume=True)
 
     def losses(run):
         history = json.loads((out / run / "trainer_state.json").read_text())["log_history"]
         return {h["step"]: h["loss"] for h in history if "loss" in h}
 
-    info.update(losses_a=losses("a"), losses_b=losses("b") if resumable else None)
+    info.update(losses_a=losses("a"), losses_b=losses("b"))
     (report_dir / f"rank{rank}.json").write_text(json.dumps(info, indent=1))
     dist.barrier()
     # gloo can abort at interpreter exit after the work is done; leave without running exit-time teardown.

@@ -12,7 +12,7 @@ from moetune.errors import RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from test_distributed_deepspeed import _launch, _one_process_logits, _recipe  # noqa: E402  (one launch helper)
+from test_distributed_deepspeed import _check_resume, _launch, _one_process_logits, _recipe  # noqa: E402  (one launch helper)
 
 
 def _ep(tmp_path, n=2, **sections):
@@ -86,15 +86,30 @@ def test_check_recipe_refuses_before_loading_weights(tmp_path, tiny_model_dir, m
         check_recipe(recipe)
 
 
-def test_resume_is_a_clear_error_and_checkpoints_hold_the_model_only(tmp_path):
+def test_trainer_writes_the_model_and_moetune_the_rest_also_on_resume(tmp_path):
+    """transformers refuses to checkpoint a model sharded at load time without save_only_model; MoETrainer adds the
+    optimizer, scheduler and RNG states itself (moetune/ep_checkpoint.py), so --resume is allowed."""
     from moetune.expert_parallel import trainer_arguments
     from moetune.training import sft_config
 
     recipe = _ep(tmp_path, 2)
-    assert trainer_arguments(recipe, 2) == {"save_only_model": True}
-    with pytest.raises(RecipeError, match=r"--resume is not supported with `distributed.expert_parallel`=2"):
-        trainer_arguments(recipe, 2, resume=True)
+    assert trainer_arguments(recipe, 2) == trainer_arguments(recipe, 2, resume=True) == {"save_only_model": True}
     assert sft_config(recipe, has_eval=False).save_only_model is False  # this test is one process
+
+
+def test_weights_only_checkpoint_of_an_older_moetune_is_refused_on_resume(tmp_path):
+    """Without ep_state/ a resume would restart the optimizer and schedule: refused instead (cheap, no ranks)."""
+    from types import SimpleNamespace
+
+    from moetune.errors import MoetuneError
+    from moetune.trainer import MoETrainer
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"")
+    trainer = SimpleNamespace(is_distributed_loading_by_transformers=True)
+    with pytest.raises(MoetuneError, match=r"holds the weights only .* start the run again instead of --resume"):
+        MoETrainer._load_from_checkpoint(trainer, str(checkpoint))
 
 
 def test_describe_sharding_is_none_on_one_process(tiny_model_dir):
@@ -110,7 +125,7 @@ def test_describe_sharding_is_none_on_one_process(tiny_model_dir):
 
 @pytest.mark.slow
 def test_expert_parallel_with_lora_on_attention_saves_one_adapter(tiny_model_dir, tmp_path):
-    """Mixtral, LoRA on attention (the expert weights stay frozen and sharded): one consolidated adapter."""
+    """Mixtral, LoRA on attention (the expert weights stay frozen and sharded): exact resume, one consolidated adapter."""
     import torch
 
     model_dir = tiny_model_dir("mixtral")
@@ -120,14 +135,18 @@ def test_expert_parallel_with_lora_on_attention_saves_one_adapter(tiny_model_dir
         assert (rank["world_size"], rank["distributed_type"], rank["engine"]) == (2, "MULTI_CPU", "PeftModelForCausalLM")
         assert (rank["expert_dtensor"], rank["expert_local_rows"], rank["expert_full_rows"]) == (4, [2], [4])
     assert ranks[1]["losses_a"] == ranks[0]["losses_a"]
-    reloaded = _one_process_logits(model_dir, tmp_path / "out" / "a", starved=False, adapter=True)
-    for r in (0, 1):
-        torch.testing.assert_close(reloaded, torch.load(tmp_path / "report" / f"logits{r}.pt"), rtol=1e-4, atol=1e-4)
+    _check_resume(ranks)
+    for run in ("a", "b"):
+        reloaded = _one_process_logits(model_dir, tmp_path / "out" / run, starved=False, adapter=True)
+        for r in (0, 1):
+            torch.testing.assert_close(reloaded, torch.load(tmp_path / "report" / f"logits{r}.pt"), rtol=1e-4,
+                                       atol=1e-4)
 
 
 @pytest.mark.slow
 def test_expert_parallel_with_fsdp_trains_experts_and_saves_one_model(tiny_model_dir, tmp_path):
-    """Qwen3-MoE, experts and router trained in full, each rank holding 2 of the 4 experts per layer."""
+    """Qwen3-MoE, experts and router trained in full, each rank holding 2 of the 4 experts per layer: --resume from
+    checkpoint-2 repeats the uninterrupted run's losses and ends with the same model."""
     import torch
 
     model_dir = tiny_model_dir("qwen3_moe")
@@ -144,10 +163,15 @@ def test_expert_parallel_with_fsdp_trains_experts_and_saves_one_model(tiny_model
         assert rank["sharding"].startswith("experts sharded: 2 of 4 per layer")
     losses = ranks[0]["losses_a"]
     assert list(losses) == ["1", "2", "3", "4"] and ranks[1]["losses_a"] == losses
-    out = tmp_path / "out" / "a"
-    assert json.loads((out / "metrics.json").read_text())["z_loss"] > 0
-    reloaded = _one_process_logits(model_dir, out, starved=False, adapter=False)  # all 4 experts, one process
-    for r in (0, 1):
-        torch.testing.assert_close(reloaded, torch.load(tmp_path / "report" / f"logits{r}.pt"), rtol=1e-4, atol=1e-4)
+    _check_resume(ranks)
+    checkpoint = tmp_path / "out" / "a" / "checkpoint-2"
+    assert {"ep_state", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
+    for run in ("a", "b"):  # the uninterrupted and the resumed run end with the same model
+        out = tmp_path / "out" / run
+        assert json.loads((out / "metrics.json").read_text())["z_loss"] > 0
+        reloaded = _one_process_logits(model_dir, out, starved=False, adapter=False)  # all 4 experts, one process
+        for r in (0, 1):
+            torch.testing.assert_close(reloaded, torch.load(tmp_path / "report" / f"logits{r}.pt"), rtol=1e-4,
+                                       atol=1e-4)
     base = _one_process_logits(model_dir, model_dir, starved=False, adapter=False)
     assert not torch.allclose(base, reloaded, atol=1e-3)
