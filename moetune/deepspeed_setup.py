@@ -16,7 +16,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from moetune.errors import MoetuneError, RecipeError
+from moetune.errors import MoetuneError
 
 
 if TYPE_CHECKING:
@@ -34,20 +34,6 @@ def require_deepspeed(strategy: str) -> None:
 
     if find_spec("deepspeed") is None:
         raise MoetuneError(f"distributed.strategy={strategy!r} needs DeepSpeed, which is not installed: {INSTALL_HINT}")
-
-
-def check_deepspeed_recipe(recipe: Recipe) -> None:
-    """What ZeRO cannot combine with, said before anything loads. Raises RecipeError naming the key."""
-    strategy = recipe.distributed.strategy
-    if strategy not in ZERO_STAGES:
-        return
-    if recipe.quantization is not None and strategy == "zero3":
-        # ZeRO-3 builds the model under zero.Init, which transformers refuses with the device_map 4-bit loading
-        # needs, and it would partition the packed 4-bit expert weights; ZeRO-2 only partitions what trains (LoRA).
-        raise RecipeError(
-            "`quantization` (4-bit) cannot be combined with distributed.strategy='zero3': ZeRO-3 partitions every "
-            "weight at load and cannot hold bitsandbytes 4-bit weights; use distributed.strategy: zero2 (QLoRA "
-            "with partitioned optimizer state and gradients), ddp or auto, or drop `quantization`")
 
 
 def deepspeed_config(stage: int) -> dict[str, Any]:
@@ -77,8 +63,9 @@ def deepspeed_config(stage: int) -> dict[str, Any]:
 def deepspeed_arguments(recipe: Recipe, *, world_size: int | None = None) -> dict[str, Any]:
     """Extra trl.SFTConfig kwargs for `distributed.strategy: zero2|zero3`; {} for any other strategy.
 
-    The recipe is checked and DeepSpeed must be installed whatever the world size (`moetune validate` on one
-    process reports it), but one process gets no DeepSpeed config: the `distributed` section is ignored there.
+    DeepSpeed must be installed whatever the world size (`moetune validate` on one process reports it), but one
+    process gets no DeepSpeed config: the `distributed` section is ignored there. What ZeRO cannot be combined with
+    is a recipe rule (moetune/recipe_checks.py), reported when the recipe loads.
 
     Args:
         recipe: the recipe.
@@ -86,12 +73,10 @@ def deepspeed_arguments(recipe: Recipe, *, world_size: int | None = None) -> dic
 
     Raises:
         MoetuneError: DeepSpeed is not installed.
-        RecipeError: a section ZeRO cannot combine with (see `check_deepspeed_recipe`).
     """
     strategy = recipe.distributed.strategy
     if strategy not in ZERO_STAGES:
         return {}
-    check_deepspeed_recipe(recipe)
     require_deepspeed(strategy)
     if world_size is None:
         from accelerate import PartialState

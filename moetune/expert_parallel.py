@@ -34,26 +34,8 @@ def check_expert_parallel(recipe: Recipe, world_size: int, config=None) -> None:
     ep = recipe.distributed.expert_parallel
     if ep == 1:
         return
-    strategy = recipe.distributed.strategy
-    if strategy not in ("auto", "fsdp2"):
-        raise RecipeError(f"`{KEY}`={ep} runs with FSDP2 over all ranks (transformers' DistributedConfig); it cannot "
-                          f"be combined with distributed.strategy={strategy!r}. Use strategy auto or fsdp2, or "
-                          f"{KEY}: 1")
-    if recipe.lora is not None and "experts" in recipe.lora.targets:
-        raise RecipeError(f"`lora.targets` includes experts, which cannot be combined with `{KEY}`={ep}: PEFT's expert "
-                          "LoRA (both lora.experts_path values) multiplies plain tensors with the sharded expert "
-                          f"weights (DTensor) and fails; train the experts in full (freeze.train: [experts]) or set {KEY}: 1")
-    if recipe.lora is not None and (recipe.freeze.train or recipe.freeze.include):
-        raise RecipeError(f"`freeze.train` / `freeze.include` beside `lora` cannot be combined with `{KEY}`={ep}: "
-                          "PEFT keeps groups trained in full as copies of their modules (modules_to_save), and "
-                          "the sharded (FSDP2) modules cannot be copied; use LoRA alone, or full fine-tuning "
-                          f"without `lora`, or {KEY}: 1")
-    if recipe.experts is not None:
-        raise RecipeError(f"`experts` (ESFT) cannot be combined with `{KEY}`={ep}: ESFT masks and saves slices of "
-                          f"whole expert tensors, which expert parallelism splits across ranks; set {KEY}: 1")
-    if recipe.quantization is not None:
-        raise RecipeError(f"`{KEY}`={ep} cannot be combined with `quantization` (4-bit): sharding bitsandbytes "
-                          f"weights across ranks is not supported by transformers; drop `quantization` or set {KEY}: 1")
+    # What it cannot be combined with (strategy, expert LoRA, ESFT, 4-bit) is a recipe rule
+    # (moetune/recipe_checks.py), reported with every other problem when the recipe loads.
     if world_size > 1 and world_size % ep:  # one process ignores the section (`moetune validate`, a test run)
         raise RecipeError(f"`{KEY}`={ep} must divide the number of processes launched ({world_size}); allowed: "
                           f"{_divisors(world_size)}")

@@ -188,9 +188,18 @@ ENGINE_TRAIN_KEYS = ("fsdp", "fsdp_config", "deepspeed")
 
 def _check_distributed(raw: dict) -> list[str]:
     strategy = _sub(raw, "distributed").get("strategy", "auto")
-    if strategy == "auto" or not isinstance(strategy, str):
+    if not isinstance(strategy, str):
         return []
-    problems = []
+    problems = _check_expert_parallel(raw, strategy)
+    if strategy == "zero3" and raw.get("quantization") is not None:
+        # ZeRO-3 builds the model under zero.Init, which transformers refuses with the device_map 4-bit loading
+        # needs, and it would partition the packed 4-bit expert weights; ZeRO-2 only partitions what trains (LoRA).
+        problems.append(
+            "`quantization` (4-bit) cannot be combined with distributed.strategy='zero3': ZeRO-3 partitions every "
+            "weight at load and cannot hold bitsandbytes 4-bit weights; use distributed.strategy: zero2 (QLoRA "
+            "with partitioned optimizer state and gradients), ddp or auto, or drop `quantization`")
+    if strategy == "auto":
+        return problems
     train = _sub(raw, "train")
     engine_keys = [f"`train.{key}`" for key in ENGINE_TRAIN_KEYS if train.get(key) not in (None, "", False, {})]
     if engine_keys:
@@ -211,6 +220,39 @@ def _check_distributed(raw: dict) -> list[str]:
             "per-rank shards, so the mask would silently stop working; use "
             "`distributed.strategy: ddp`, or drop `experts`"
         )
+    return problems
+
+
+_EP = "distributed.expert_parallel"
+
+
+def _check_expert_parallel(raw: dict, strategy: str) -> list[str]:
+    """What expert parallelism (experts sharded at load, moetune/expert_parallel.py) cannot run with. The rules that
+    need the world size or the model's config are checked there, before any weight is read."""
+    ep = _sub(raw, "distributed").get("expert_parallel", 1)
+    if not isinstance(ep, int) or ep <= 1:
+        return []
+    problems = []
+    if strategy not in ("auto", "fsdp2"):
+        problems.append(f"`{_EP}`={ep} runs with FSDP2 over all ranks (transformers' DistributedConfig); it cannot "
+                        f"be combined with distributed.strategy={strategy!r}. Use strategy auto or fsdp2, or {_EP}: 1")
+    lora, freeze = raw.get("lora"), _sub(raw, "freeze")
+    targets = lora.get("targets", ["attention"]) if isinstance(lora, dict) else []
+    if isinstance(targets, list) and "experts" in targets:
+        problems.append(f"`lora.targets` includes experts, which cannot be combined with `{_EP}`={ep}: PEFT's expert "
+                        "LoRA (both lora.experts_path values) multiplies plain tensors with the sharded expert "
+                        f"weights (DTensor) and fails; train the experts in full (freeze.train: [experts]) or set {_EP}: 1")
+    if isinstance(lora, dict) and (freeze.get("train") or freeze.get("include")):
+        problems.append(f"`freeze.train` / `freeze.include` beside `lora` cannot be combined with `{_EP}`={ep}: "
+                        "PEFT keeps groups trained in full as copies of their modules (modules_to_save), and "
+                        "the sharded (FSDP2) modules cannot be copied; use LoRA alone, or full fine-tuning "
+                        f"without `lora`, or {_EP}: 1")
+    if raw.get("experts") is not None:
+        problems.append(f"`experts` (ESFT) cannot be combined with `{_EP}`={ep}: ESFT masks and saves slices of "
+                        f"whole expert tensors, which expert parallelism splits across ranks; set {_EP}: 1")
+    if raw.get("quantization") is not None:
+        problems.append(f"`{_EP}`={ep} cannot be combined with `quantization` (4-bit): sharding bitsandbytes "
+                        f"weights across ranks is not supported by transformers; drop `quantization` or set {_EP}: 1")
     return problems
 
 
