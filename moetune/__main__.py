@@ -1,8 +1,6 @@
 """`python -m moetune ...` and `accelerate launch -m moetune train RECIPE`."""
 
-import sys
-
-from moetune.cli import main
+from moetune.cli import run
 
 
-sys.exit(main())
+run()

@@ -343,5 +343,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The `moetune` command and `python -m moetune`: `main`, then leave the process.
+
+    A run that joined a process group (torchrun / accelerate launch) leaves with `os._exit` once its group is torn
+    down and its output flushed: gloo can abort a process at interpreter exit after the work is done ("terminate
+    called without an active exception", SIGABRT, seen on 2 CPU ranks after a finished FSDP2 run), which would turn
+    a finished run into a failed launch (docs/upstream.md#gloo-exit-abort). Exit-time handlers are skipped only then.
+    """
+    code = main(argv)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 -- leaving anyway; the run's outcome is already decided
+            pass
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

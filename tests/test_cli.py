@@ -67,3 +67,21 @@ def test_inspect_quantize_4bit_measures_resident_bytes(tiny_model_dir, capsys):
     assert 0.5 < report["groups"]["experts"]["resident_bytes"] / report["groups"]["experts"]["params"] < 0.65
     assert report["groups"]["router"]["resident_bytes"] == 4 * report["groups"]["router"]["params"]  # fp32 router
     assert report["bytes_per_param"] == report["resident_bytes"] / report["total_params"]
+
+
+def test_a_process_in_a_group_leaves_with_its_exit_code(tmp_path):
+    """`moetune.cli.run` tears the process group down and leaves with os._exit (gloo can abort at interpreter exit,
+    docs/upstream.md#gloo-exit-abort); the exit code and the error line must survive that."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch.distributed as dist, atexit, sys\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "from moetune.cli import run\n"
+        f"run(['validate', '{tmp_path / 'missing.yaml'}', '--schema-only'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "recipe file not found" in result.stderr and "atexit ran" not in result.stdout  # left by os._exit
