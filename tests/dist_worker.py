@@ -18,18 +18,11 @@ def main() -> None:
     overrides = [a for a in sys.argv[3:] if a != "--resume"]
     import torch
     from torch.distributed.tensor import DTensor
+    from trainer_capture import record_trainers
 
-    from moetune.trainer import MoETrainer
     from moetune.training import finetune
 
-    trainers = []
-    original_train = MoETrainer.train
-
-    def train(self, *args, **kwargs):  # keep a handle on the trainer to read its model afterwards
-        trainers.append(self)
-        return original_train(self, *args, **kwargs)
-
-    MoETrainer.train = train
+    trainers = record_trainers()  # to read the trained model afterwards
     finetune(recipe, overrides=overrides, resume=resume)
     trainer = trainers[0]
     model, state = trainer.model_wrapped, trainer.accelerator.state

@@ -51,23 +51,15 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     import torch
     import torch.distributed as dist
+    from trainer_capture import record_trainers
 
     from moetune.config import load_recipe
-    from moetune.trainer import MoETrainer
     from moetune.training import finetune
 
     recipe = load_recipe(recipe_path)
     out = Path(recipe.output.dir)
-    trainers = []
-    original_train = MoETrainer.train
-
-    def train(self, *args, **kwargs):  # a handle on each trainer, and the starving hooks before training starts
-        trainers.append(self)
-        if starve_rank1 and rank == 1:
-            starve(self.model)
-        return original_train(self, *args, **kwargs)
-
-    MoETrainer.train = train
+    # A handle on each trainer, and the starving hooks before training starts.
+    trainers = record_trainers(lambda trainer: starve(trainer.model) if starve_rank1 and rank == 1 else None)
     finetune(recipe_path, overrides=[f"output.dir={out / 'a'}"])
     trainer = trainers[-1]
     info = _describe(trainer)

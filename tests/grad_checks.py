@@ -1,5 +1,5 @@
-"""One forward + backward with everything a path-equivalence test compares: logits, the input gradient and every
-trainable parameter's gradient."""
+"""What the path-equivalence tests share: LoRA weights set to random values (PEFT zero-initializes B, which would
+hide a mispaired expert) and one forward + backward with everything they compare."""
 
 import torch
 
@@ -12,3 +12,12 @@ def forward_backward(model, ids: torch.Tensor):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return out.logits.detach(), embeds.grad, grads
+
+
+def randomize_lora(model, seed: int = 0) -> None:
+    """Every LoRA A and B (attention and expert ones) drawn from N(0, 0.1^2), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)

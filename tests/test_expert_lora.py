@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from grad_checks import forward_backward
+from grad_checks import forward_backward, randomize_lora
 from peft import PeftModel
 
 from moetune.adapters import add_adapters, load_adapter
@@ -22,14 +22,6 @@ def _expert_wrappers(model):
     return [(n, m) for n, m in model.named_modules() if getattr(m, "parameter_name", None) in ("gate_up_proj", "down_proj")]
 
 
-def _randomize_lora(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-
-
 def _ids(seed=0):
     return torch.randint(6, 400, (2, 16), generator=torch.Generator().manual_seed(seed))
 
@@ -45,7 +37,7 @@ def _close(a, b):
 def test_split_equals_peft_fold_expert_by_expert(tiny_model_dir, arch, quantized):
     model = add_adapters(_load(tiny_model_dir(arch), quantized), LoraSection(r=4, targets=["experts"], experts_path="peft"))
     assert not is_split(model)
-    _randomize_lora(model)
+    randomize_lora(model)
     model.train()
     ids = _ids()
     logits, d_embeds, grads = forward_backward(model, ids)
@@ -91,7 +83,7 @@ def test_dropout_only_in_training_and_only_when_configured(tiny_model_dir):
     plain = add_adapters(_load(path), lora)
     dropped = add_adapters(_load(path), lora.model_copy(update={"dropout": 0.3}))
     for model in (plain, dropped):
-        _randomize_lora(model)
+        randomize_lora(model)
     ids = _ids()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -110,7 +102,7 @@ def test_dropout_only_in_training_and_only_when_configured(tiny_model_dir):
 def test_saved_adapter_is_peft_layout_and_reloads_identically(tiny_model_dir, tmp_path):
     path = tiny_model_dir("mixtral")
     model = add_adapters(_load(path), LoraSection(r=4, targets=["experts", "attention"], experts_path="split"))
-    _randomize_lora(model)
+    randomize_lora(model)
     model.eval()
     ids = _ids(1)
     with torch.no_grad():
@@ -129,7 +121,7 @@ def test_saved_adapter_is_peft_layout_and_reloads_identically(tiny_model_dir, tm
 
 def test_expert_mask_turns_lora_off_for_unchosen_experts(tiny_model_dir):
     model = add_adapters(_load(tiny_model_dir("mixtral")), LoraSection(r=4, targets=["experts"], experts_path="peft"))
-    _randomize_lora(model)
+    randomize_lora(model)
     model.train()
     ids = _ids()
     install_split_lora(model, expert_mask=[True, False, True, True])
@@ -170,7 +162,7 @@ def test_recipe_allows_expert_dropout_only_with_split(tmp_path, monkeypatch):
 def test_gradient_checkpointing_replays_the_same_dropout(tiny_model_dir):
     model = add_adapters(_load(tiny_model_dir("qwen3_moe"), quantized=True),
                          LoraSection(r=4, targets=["experts", "attention"], experts_path="split", dropout=0.2))
-    _randomize_lora(model)
+    randomize_lora(model)
     model.train()
     ids = _ids()
 

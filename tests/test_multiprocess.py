@@ -38,7 +38,7 @@ def _env():
 def test_two_processes_stay_in_sync_and_only_rank0_writes(tiny_model_dir, tmp_path):
     recipe = _recipe(tmp_path, tiny_model_dir("mixtral"))
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29533",
-           str(REPO / "scripts/multiprocess_check.py"), str(recipe), str(tmp_path / "report")]
+           str(REPO / "tests/multiprocess_worker.py"), str(recipe), str(tmp_path / "report")]
     run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]

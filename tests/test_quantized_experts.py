@@ -3,7 +3,7 @@
 import pytest
 import torch
 from bitsandbytes.nn.parametrize import Bnb4bitParametrization
-from grad_checks import forward_backward
+from grad_checks import forward_backward, randomize_lora
 
 from moetune import quantized_experts
 from moetune.adapters import add_adapters
@@ -16,14 +16,6 @@ from moetune.quantized_experts import dequantize_experts, install_quantized_forw
 def _load(path, double_quant=True):
     return load_model(ModelSection(name_or_path=str(path), dtype="float32"), QuantizationSection(double_quant=double_quant),
                       with_tokenizer=False)[0]
-
-
-def _randomize_lora(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
 
 
 def _close(a, b):
@@ -47,7 +39,7 @@ def test_dequantizing_some_experts_gives_their_slices_exactly(tiny_model_dir, ar
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_attention_qlora_equals_the_dequantize_everything_path(tiny_model_dir, arch):
     model = add_adapters(_load(tiny_model_dir(arch)), LoraSection(r=4, targets=["attention"]))
-    _randomize_lora(model)
+    randomize_lora(model)
     model.train()
     ids = torch.randint(6, 400, (2, 16), generator=torch.Generator().manual_seed(0))
     assert quantized_experts._ATTR in find_moe_layers(model)[0].experts.__dict__  # installed by load_model
@@ -136,7 +128,7 @@ def test_narrow_experts_dequantize_as_accurately_as_any_4bit_weight(tiny_model_d
 
 def test_large_routed_stacks_are_decoded_a_run_of_experts_at_a_time(tiny_model_dir, monkeypatch):
     model = add_adapters(_load(tiny_model_dir("qwen3_moe", num_experts=8)), LoraSection(r=4, targets=["attention"]))
-    _randomize_lora(model)
+    randomize_lora(model)
     model.train()
     ids = torch.randint(6, 400, (2, 16), generator=torch.Generator().manual_seed(0))
     whole_logits, whole_d_embeds, whole_grads = forward_backward(model, ids)

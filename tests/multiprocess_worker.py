@@ -1,7 +1,7 @@
 """Train a recipe on N processes and record, per rank, what the run looked like (for tests/test_multiprocess.py).
 
-    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 scripts/multiprocess_check.py RECIPE REPORT_DIR [KEY=VALUE ...]
-    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 scripts/multiprocess_check.py ...
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 tests/multiprocess_worker.py RECIPE REPORT_DIR [KEY=VALUE ...]
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 tests/multiprocess_worker.py ...
 
 ACCELERATE_USE_CPU=true is what makes CPU ranks a real gloo process group (docs/upstream.md#accelerate-cpu); without it each process
 trains alone. Each rank writes REPORT_DIR/rank<R>.json: the distributed setup, a digest of every trainable parameter
@@ -41,17 +41,11 @@ def main() -> None:
 
     sys.addaudithook(audit)
 
-    from moetune.trainer import MoETrainer
+    from trainer_capture import record_trainers
+
     from moetune.training import finetune
 
-    trainers = []
-    original_train = MoETrainer.train
-
-    def train(self, *args, **kwargs):  # keep a handle on the trainer to read its model afterwards
-        trainers.append(self)
-        return original_train(self, *args, **kwargs)
-
-    MoETrainer.train = train
+    trainers = record_trainers()  # to read the trained model afterwards
     _, metrics = finetune(recipe_path, overrides=overrides)
 
     from accelerate import PartialState
