@@ -12,20 +12,15 @@ import os
 
 from transformers import TrainerCallback
 
+from moetune.distributed import launcher_engine, world_size
 from moetune.errors import MoetuneError
 
 
-# What the launcher asks for: accelerate's own environment flags.
-_REQUESTED = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
 _CPU_HINT = (
     "On CPU ranks DDP (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m moetune train "
     "RECIPE`), FSDP2 and DeepSpeed ZeRO-2/3 (`distributed.strategy: fsdp2|zero2|zero3` in the recipe, same launch) "
     "run; FSDP1 needs GPUs"
 )
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes")
 
 
 def _kind(state) -> str:
@@ -101,13 +96,14 @@ def check_launch(accelerator, environ=os.environ, strategy: str | None = None) -
             f"the recipe asks for `distributed.strategy: {strategy}` but accelerate set up {kind} with "
             f"{state.num_processes} process(es): training would silently run as {kind}. {_CPU_HINT}"
         )
-    for flag, wanted in _REQUESTED.items():
-        if _truthy(environ.get(flag)) and kind != wanted:
-            raise MoetuneError(
-                f"the launcher asked for {wanted} ({flag}=true) but accelerate set up {kind} with "
-                f"{state.num_processes} process(es): training would silently run as {kind}. {_CPU_HINT}"
-            )
-    world = int(environ.get("WORLD_SIZE", "1") or 1)
+    engine = launcher_engine(environ)  # what the launcher asked for: accelerate's own environment flags
+    if engine is not None and kind != engine.upper():
+        flag = f"ACCELERATE_USE_{engine.upper()}"
+        raise MoetuneError(
+            f"the launcher asked for {engine.upper()} ({flag}=true) but accelerate set up {kind} with "
+            f"{state.num_processes} process(es): training would silently run as {kind}. {_CPU_HINT}"
+        )
+    world = world_size(environ)
     if world > 1 and state.num_processes != world:
         raise MoetuneError(
             f"{world} processes were launched (WORLD_SIZE={world}) but this one trains alone "
