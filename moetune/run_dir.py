@@ -131,7 +131,9 @@ class RunDir:
 
     def _check_not_busy(self) -> None:
         if self._lock_fd is None and (self.path / LOCK_FILE).is_file():
-            fd = self._open_locked()  # raises, naming the holder, when another process runs here
+            # A shared probe: it fails only against a run holding the lock, never against another rank of this
+            # launch probing at the same instant (an exclusive probe made such a rank fail now and then).
+            fd = self._open_locked(fcntl.LOCK_SH)  # raises, naming the holder, when another process runs here
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
@@ -201,10 +203,10 @@ class RunDir:
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})\n".encode())
         self._lock_fd = fd
 
-    def _open_locked(self) -> int:
+    def _open_locked(self, mode: int = fcntl.LOCK_EX) -> int:
         fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)

@@ -13,6 +13,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+from launch_helpers import failure_text, free_port
 
 from moetune.config import load_recipe
 from moetune.errors import MoetuneError, RecipeError
@@ -102,7 +103,7 @@ def test_describe_sharding_is_none_without_zero3(tiny_model_dir):
 # ------------------------------------------------------------------------------------ slow: 2 ranks over gloo
 
 
-def _launch(tmp_path, recipe: dict, port: int, *flags: str, env_extra=None) -> list[dict]:
+def _launch(tmp_path, recipe: dict, *flags: str, env_extra=None) -> list[dict]:
     import yaml
 
     path = tmp_path / "recipe.yaml"
@@ -110,11 +111,11 @@ def _launch(tmp_path, recipe: dict, port: int, *flags: str, env_extra=None) -> l
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env_extra or {}))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     # DeepSpeed compiles a small C++ op on first use (~35 s); torch caches the build in ~/.cache/torch_extensions.
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "tests/distributed_worker.py"), str(path), str(tmp_path / "report"), *flags]
     # A hang (the ZeRO-3 MoE failure this guards against) must fail the test, not stall CI.
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert run.returncode == 0, failure_text(run)
     return [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -159,7 +160,7 @@ def test_zero2_full_finetune_of_experts_and_router(tiny_model_dir, tmp_path):
     recipe = _recipe(tmp_path, model_dir, distributed={"strategy": "zero2"}, freeze={"train": ["experts", "router"]},
                      moe={"z_loss_coef": 0.001})
     # With the flag that CPU DDP needs (docs/upstream.md#accelerate-cpu), which would otherwise turn ZeRO into DDP.
-    ranks = _launch(tmp_path, recipe, 29541, env_extra={"ACCELERATE_USE_CPU": "true"})
+    ranks = _launch(tmp_path, recipe, env_extra={"ACCELERATE_USE_CPU": "true"})
     for rank in ranks:
         assert (rank["distributed_type"], rank["zero_stage"], rank["world_size"]) == ("DEEPSPEED", 2, 2)
         assert rank["engine"] == "DeepSpeedEngine" and rank["backend"] == "gloo"
@@ -183,7 +184,7 @@ def test_zero2_qlora_with_expert_lora(tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("mixtral")
     recipe = _recipe(tmp_path, model_dir, distributed={"strategy": "zero2"}, quantization={"bits": 4},
                      lora={"r": 4, "targets": ["attention", "experts"]})
-    ranks = _launch(tmp_path, recipe, 29544)
+    ranks = _launch(tmp_path, recipe)
     for rank in ranks:
         assert (rank["distributed_type"], rank["zero_stage"], rank["world_size"]) == ("DEEPSPEED", 2, 2)
         assert rank["engine"] == "DeepSpeedEngine" and rank["ds_params"] == 0
@@ -208,7 +209,7 @@ def test_zero3_expert_lora_with_a_rank_whose_experts_get_no_tokens(tiny_model_di
     model_dir = tiny_model_dir("mixtral")
     recipe = _recipe(tmp_path, model_dir, distributed={"strategy": "zero3"},
                      lora={"r": 4, "targets": ["attention", "experts"]})
-    ranks = _launch(tmp_path, recipe, 29542, "--starve-rank1")
+    ranks = _launch(tmp_path, recipe, "--starve-rank1")
     for rank in ranks:
         assert (rank["distributed_type"], rank["zero_stage"], rank["world_size"]) == ("DEEPSPEED", 3, 2)
         # Every parameter is DeepSpeed-partitioned; each rank holds about half of the elements.
@@ -235,7 +236,7 @@ def test_zero3_full_finetune_with_a_rank_whose_experts_get_no_tokens(tiny_model_
 
     model_dir = tiny_model_dir("mixtral")
     recipe = _recipe(tmp_path, model_dir, distributed={"strategy": "zero3"}, freeze={"train": ["experts", "router"]})
-    ranks = _launch(tmp_path, recipe, 29545, "--starve-rank1")
+    ranks = _launch(tmp_path, recipe, "--starve-rank1")
     for rank in ranks:
         assert (rank["distributed_type"], rank["zero_stage"], rank["world_size"]) == ("DEEPSPEED", 3, 2)
         assert rank["ds_params"] == rank["params"] > 0 and rank["z3_leaves"] == []

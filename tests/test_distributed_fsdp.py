@@ -18,13 +18,13 @@ tokens.
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from launch_helpers import failure_text, free_port
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,12 +33,6 @@ DEMO_TRAIN = str(REPO / "recipes/data/demo_train.jsonl")
 TRAIN = {"per_device_train_batch_size": 2, "learning_rate": 5.0e-3, "lr_scheduler_type": "constant",
          "logging_steps": 1, "save_steps": 2, "disable_tqdm": True, "seed": 7,
          "train_sampling_strategy": "sequential"}  # the same rows in the same batches, whatever the sampler seeding
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -70,20 +64,20 @@ def _recipe(path: Path, model_dir, out: Path, *, strategy: str, lora: dict | Non
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, env=_env(), cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == 0, failure_text(result)
     return result
 
 
 def _one_node(program: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """2 ranks on one machine: `accelerate launch --multi_gpu --num_processes 2 PROGRAM`."""
     return _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                 "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+                 "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
                  "--dynamo_backend", "no", *program], cwd)
 
 
 def _two_nodes(program: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Two launcher invocations with one process each, as two machines meeting at 127.0.0.1."""
-    port = _free_port()
+    port = free_port()
 
     def node(rank: int) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -99,7 +93,7 @@ def _two_nodes(program: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _torchrun(program: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), *program], cwd)
+    return _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *program], cwd)
 
 
 def _reference(recipe_path: Path) -> Path:

@@ -130,7 +130,7 @@ def test_expert_parallel_with_lora_on_attention_saves_one_adapter(tiny_model_dir
 
     model_dir = tiny_model_dir("mixtral")
     recipe = _recipe(tmp_path, model_dir, distributed={"expert_parallel": 2}, lora={"r": 4, "targets": ["attention"]})
-    ranks = _launch(tmp_path, recipe, 29546)
+    ranks = _launch(tmp_path, recipe)
     for rank in ranks:
         assert (rank["world_size"], rank["distributed_type"], rank["engine"]) == (2, "MULTI_CPU", "PeftModelForCausalLM")
         assert (rank["expert_dtensor"], rank["expert_local_rows"], rank["expert_full_rows"]) == (4, [2], [4])
@@ -152,7 +152,7 @@ def test_expert_parallel_with_fsdp_trains_experts_and_saves_one_model(tiny_model
     model_dir = tiny_model_dir("qwen3_moe")
     recipe = _recipe(tmp_path, model_dir, distributed={"expert_parallel": 2}, freeze={"train": ["experts", "router"]},
                      moe={"z_loss_coef": 0.001})
-    ranks = _launch(tmp_path, recipe, 29543)
+    ranks = _launch(tmp_path, recipe)
     for rank in ranks:
         assert (rank["world_size"], rank["num_processes"], rank["backend"]) == (2, 2, "gloo")
         # Sharded at load time by transformers (FSDP2's fully_shard class, composed with EP); accelerate neither

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launch_helpers import failure_text, free_port
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,10 +38,10 @@ def _env():
 @pytest.mark.slow
 def test_two_processes_stay_in_sync_and_only_rank0_writes(tiny_model_dir, tmp_path):
     recipe = _recipe(tmp_path, tiny_model_dir("mixtral"))
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "tests/multiprocess_worker.py"), str(recipe), str(tmp_path / "report")]
     run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, failure_text(run)
     ranks = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
 
     for r, rank in enumerate(ranks):
@@ -69,7 +70,7 @@ def test_accelerate_launch_runs_the_cli(tiny_model_dir, tmp_path):
     recipe = _recipe(tmp_path, tiny_model_dir("mixtral"))
     accelerate = shutil.which("accelerate", path=str(BIN))
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29534", "-m", "moetune", "train", str(recipe)]
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "moetune", "train", str(recipe)]
     run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, failure_text(run)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["global_step"] == 4

@@ -279,6 +279,30 @@ def test_a_second_run_into_a_busy_dir_is_refused(tiny_model_dir, tmp_path):
     assert os.path.getsize(run / LOCK_FILE) == 0
 
 
+def test_ranks_checking_the_run_dir_at_the_same_instant_do_not_refuse_each_other(tmp_path):
+    """Every rank of a launch checks the dir at start; another rank's probe of the lock must not read as a busy dir
+    (it did, now and then, on 2-rank resumes). A run that holds the lock is still refused."""
+    import fcntl
+
+    from moetune.run_dir import RunDir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    other_rank = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other_rank, fcntl.LOCK_SH)  # what a rank's probe holds for that instant
+    try:
+        RunDir(run).check(resume=False, overwrite=False)
+    finally:
+        os.close(other_rank)
+    running = os.open(run / LOCK_FILE, os.O_RDWR)
+    fcntl.flock(running, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(MoetuneError, match="is in use by"):
+            RunDir(run).check(resume=False, overwrite=False)
+    finally:
+        os.close(running)
+
+
 def test_validate_checks_what_train_checks(tiny_model_dir, tmp_path, capsys):
     """`train` values that TRL rejects only when building its config fail `moetune validate` too, with exit 2."""
     import yaml
