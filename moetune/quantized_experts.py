@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from moetune.cpu_decode import decode_rows
+
 
 _PARAMS = ("gate_up_proj", "down_proj")
 _ATTR = "_moetune_quantized_forward"
@@ -122,11 +124,14 @@ def _absmax(state) -> torch.Tensor:
     return F.dequantize_blockwise(state.absmax, state.state2) + state.offset
 
 
-def _decode(packed: torch.Tensor, absmax: torch.Tensor, state, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+def _decode(packed: torch.Tensor, absmax: torch.Tensor, state, shape: list[int], dtype: torch.dtype, *,
+            reuse: bool = False) -> torch.Tensor:
     # Always decoded as rows of whole blocks, never in the weight's 3-D shape: bitsandbytes 0.50.2's CPU kernel decodes blocks
     # per row of the shape it is given, so a last dim that is not a multiple of 64 (an expert width of 32, 96, 160)
     # pairs values with the wrong absmax (rel. error 0.17-0.25 instead of nf4's 0.09; tests/test_quantized_experts.py).
-    return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, state.blocksize, state.quant_type, shape, dtype)
+    rows, length = (1, shape[0]) if len(shape) == 1 else shape
+    out = decode_rows(packed, absmax, state.blocksize, state.quant_type, rows, length, dtype, reuse=reuse)
+    return out.view(shape)
 
 
 def _row_length(per_expert: int, blocksize: int) -> int:
@@ -138,7 +143,7 @@ def _row_length(per_expert: int, blocksize: int) -> int:
     return length
 
 
-def _decode_all(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+def _decode_all(packed: torch.Tensor, state, dtype: torch.dtype, *, reuse: bool = False) -> torch.Tensor:
     per_expert = torch.Size(state.shape[1:]).numel()
     numel = state.shape.numel()
     if per_expert % state.blocksize:
@@ -146,22 +151,27 @@ def _decode_all(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor
     else:
         length = _row_length(per_expert, state.blocksize)
         shape = [numel // length, length]
-    return _decode(packed, _absmax(state).float(), state, shape, dtype).view(state.shape)
+    return _decode(packed, _absmax(state).float(), state, shape, dtype, reuse=reuse).view(state.shape)
 
 
-def dequantize_experts(experts: nn.Module, name: str, routed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Dequantize experts `routed` (all when None) of the 4-bit `experts.<name>` to `[len(routed), out, in]`."""
+def dequantize_experts(experts: nn.Module, name: str, routed: torch.Tensor | None, dtype: torch.dtype, *,
+                       reuse: bool = False) -> torch.Tensor:
+    """Dequantize experts `routed` (all when None) of the 4-bit `experts.<name>` to `[len(routed), out, in]`.
+
+    `reuse`: decode into the shared CPU workspace (`moetune.cpu_decode`); the result is then only valid until the
+    next reusing decode, for a caller that uses it at once and keeps nothing.
+    """
     state = plain_4bit(experts, name).quant_state
     packed = experts.parametrizations[name].original
     num_experts, per_expert = state.shape[0], torch.Size(state.shape[1:]).numel()
     if routed is None or per_expert % state.blocksize:
-        # Every expert, or blocks that straddle experts: the whole stack.
-        full = _decode_all(packed, state, dtype)
+        # Every expert, or blocks that straddle experts: the whole stack (a workspace only when it is what is asked).
+        full = _decode_all(packed, state, dtype, reuse=reuse and routed is None)
         return full if routed is None else full.index_select(0, routed)
     rows = packed.view(num_experts, -1).index_select(0, routed)  # expert e: bytes e*per/2 ... (e+1)*per/2
     scales = _absmax(state).float().view(num_experts, -1).index_select(0, routed).reshape(-1)
     length = _row_length(per_expert, state.blocksize)  # the same rows as `_decode_all`: the same values, bit for bit
-    out = _decode(rows, scales, state, [routed.numel() * per_expert // length, length], dtype)
+    out = _decode(rows, scales, state, [routed.numel() * per_expert // length, length], dtype, reuse=reuse)
     return out.view(routed.numel(), *state.shape[1:])
 
 
@@ -201,15 +211,16 @@ def _project(x: torch.Tensor, experts: nn.Module, name: str, routing: Routing, t
     state = plain_4bit(experts, name).quant_state
     expert_bytes = torch.Size(state.shape[1:]).numel() * x.element_size()
     runs = _chunks(routing, expert_bytes)
+    # Decoded into the reused CPU workspace: each weight is read by one grouped matmul, then never again.
     if len(runs) == 1:
-        weight = dequantize_experts(experts, name, None if routing.all_routed else routing.routed, x.dtype)
+        weight = dequantize_experts(experts, name, None if routing.all_routed else routing.routed, x.dtype, reuse=True)
         return gmm(x, weight.transpose(1, 2) if transpose else weight, routing.routed_offsets, routing.routed_counts)
     out = x.new_empty(x.shape[0], state.shape[1] if transpose else state.shape[2])
     row = 0
     for a, b in runs:
         counts = routing.routed_counts[a:b]
         rows = sum(counts)
-        weight = dequantize_experts(experts, name, routing.routed[a:b], x.dtype)
+        weight = dequantize_experts(experts, name, routing.routed[a:b], x.dtype, reuse=True)
         offsets = torch.tensor(counts, device=x.device).cumsum(0, dtype=torch.int32)
         out[row:row + rows] = gmm(x[row:row + rows], weight.transpose(1, 2) if transpose else weight, offsets, counts)
         del weight

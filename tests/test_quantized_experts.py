@@ -36,6 +36,44 @@ def test_dequantizing_some_experts_gives_their_slices_exactly(tiny_model_dir, ar
         assert torch.equal(dequantize_experts(experts, name, some, torch.float32), full[some])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_decoding_into_the_workspace_equals_bitsandbytes_op_bit_for_bit(quant_type, dtype):
+    # The workspace decode calls bitsandbytes' C kernel directly (moetune/cpu_decode.py); on the tested versions it
+    # must give the op's values exactly, and on any other version it must be the op.
+    from bitsandbytes import functional as F
+
+    from moetune import cpu_decode
+
+    weight = torch.randn(6, 96, 64, generator=torch.Generator().manual_seed(1))
+    packed, state = F.quantize_4bit(weight, blocksize=64, quant_type=quant_type)
+    rows, length = 6 * 96 * 64 // 1024, 1024
+    op = torch.ops.bitsandbytes.dequantize_4bit(packed, state.absmax, 64, quant_type, [rows, length], dtype)
+    ours = cpu_decode.decode_rows(packed, state.absmax, 64, quant_type, rows, length, dtype, reuse=True)
+    assert cpu_decode._native_library() is not None  # the direct path really ran here (bitsandbytes 0.50)
+    assert ours.dtype == dtype and torch.equal(ours, op)
+    again = cpu_decode.decode_rows(packed, state.absmax, 64, quant_type, rows // 2, length, dtype, reuse=True)
+    assert again.data_ptr() == ours.data_ptr()  # the same buffer: no fresh allocation to page-fault
+    fresh = cpu_decode.decode_rows(packed, state.absmax, 64, quant_type, rows, length, dtype, reuse=False)
+    assert fresh.data_ptr() != ours.data_ptr() and torch.equal(fresh, op)
+
+
+def test_an_untested_bitsandbytes_version_decodes_through_the_op(monkeypatch):
+    from bitsandbytes import functional as F
+
+    from moetune import cpu_decode
+
+    weight = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(2))
+    packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    monkeypatch.setattr(cpu_decode, "_library", None)
+    monkeypatch.setattr(cpu_decode, "TESTED_VERSIONS", ("9.9.",))
+    cpu_decode.release_workspaces()
+    out = cpu_decode.decode_rows(packed, state.absmax, 64, "nf4", 16, 1024, torch.float32, reuse=True)
+    assert not cpu_decode._workspaces  # no workspace, no direct kernel
+    assert torch.equal(out, torch.ops.bitsandbytes.dequantize_4bit(packed, state.absmax, 64, "nf4", [16, 1024],
+                                                                     torch.float32))
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_attention_qlora_equals_the_dequantize_everything_path(tiny_model_dir, arch):
     model = add_adapters(_load(tiny_model_dir(arch)), LoraSection(r=4, targets=["attention"]))
@@ -63,9 +101,9 @@ def test_experts_without_tokens_are_never_dequantized(tiny_model_dir, monkeypatc
             lambda module, args, name=layer.experts_name: routed.setdefault(name, set()).update(args[1].flatten().tolist()))
     real = quantized_experts.dequantize_experts
 
-    def counting(experts, name, ids, dtype):
+    def counting(experts, name, ids, dtype, **options):
         decoded.append((experts, set(range(experts.num_experts)) if ids is None else set(ids.tolist())))
-        return real(experts, name, ids, dtype)
+        return real(experts, name, ids, dtype, **options)
 
     real_parametrization = Bnb4bitParametrization.forward
     monkeypatch.setattr(quantized_experts, "dequantize_experts", counting)
@@ -138,8 +176,8 @@ def test_large_routed_stacks_are_decoded_a_run_of_experts_at_a_time(tiny_model_d
     sizes = []
     real = quantized_experts.dequantize_experts
     monkeypatch.setattr(quantized_experts, "dequantize_experts",
-                        lambda experts, name, ids, dtype: sizes.append(real(experts, name, ids, dtype).numel() * 4)
-                        or real(experts, name, ids, dtype))
+                        lambda experts, name, ids, dtype, **options: sizes.append(
+                            real(experts, name, ids, dtype, **options).numel() * 4) or real(experts, name, ids, dtype, **options))
     logits, d_embeds, grads = forward_backward(model, ids)
     assert max(sizes) <= 3 * expert_bytes and len(sizes) > 2 * 2 * 2  # more than one run per projection
     assert _close(logits, whole_logits) and _close(d_embeds, whole_d_embeds)
