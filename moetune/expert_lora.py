@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from moetune.errors import MoetuneError
-from moetune.quantized_experts import Routing, gmm, plain_4bit, quantized_grouped_linear
-from moetune.router_controls import _dropout
+from moetune.grouped_experts import grouped_experts
+from moetune.quantized_experts import Routing
 
 
 _PARAMS = ("gate_up_proj", "down_proj")
@@ -184,14 +184,6 @@ def is_split(model: nn.Module) -> bool:
 # The computation
 
 
-def _base_linear(x: torch.Tensor, experts: nn.Module, name: str, routing: Routing) -> torch.Tensor:
-    if plain_4bit(experts, name) is not None:
-        # Frozen 4-bit: only the routed experts are dequantized, again in backward (moetune.quantized_experts).
-        return quantized_grouped_linear(x, experts, name, routing)
-    # A plain frozen weight is saved for backward by reference (no copy).
-    return gmm(x, getattr(experts, name).transpose(1, 2), routing.offsets, routing.counts)
-
-
 def _factors(wrapper: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """PEFT's rank-r-per-expert blocks as `A^T [E, in, r]`, `B^T [E, r, out]` (out/in of the [E, out, in] weight)."""
     a = wrapper.lora_A[adapter].weight  # [r*E, in]: expert e owns rows e*r:(e+1)*r
@@ -235,26 +227,11 @@ def split_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k
         dropout: dropout on the LoRA input (pass 0 outside training).
         expert_mask: `[E]` booleans; False turns LoRA off for that expert.
     """
-    num_tokens, top_k = top_k_index.shape
     routing = Routing(top_k_index, experts.num_experts)  # one host sync: the per-expert counts
-    perm, offsets, counts = routing.perm, routing.offsets, routing.counts
-    x = hidden_states[perm // top_k]
-    lora_keep = None
     if expert_mask is not None and not bool(expert_mask.all()):
-        lora_keep = expert_mask.to(x.device)[routing.ids_sorted].unsqueeze(-1).to(x.dtype)
-
-    def project(inp: torch.Tensor, name: str) -> torch.Tensor:
-        out = _base_linear(inp, experts, name, routing)  # no base-weight gradient
-        if terms[name]:
-            lora_in = _dropout(inp, dropout, True) if dropout > 0 else inp
-            delta = None
-            for a_t, b_t, scale in terms[name]:
-                d = gmm(gmm(lora_in, a_t, offsets, counts), b_t, offsets, counts) * scale
-                delta = d if delta is None else delta + d
-            out = out + (delta * lora_keep if lora_keep is not None else delta)
-        return out
-
-    h = experts._apply_gate(project(x, "gate_up_proj"))  # the family's gating (and moetune's expert dropout)
-    out = project(h, "down_proj") * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(h.dtype)
-    unsorted = torch.empty_like(out).index_copy(0, perm, out)
-    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+        # B of a masked-out expert taken as 0: its LoRA term is 0 and its factors get zero gradients.
+        terms = {name: [(a_t, b_t * expert_mask.to(b_t.device, b_t.dtype).view(-1, 1, 1), scale)
+                        for a_t, b_t, scale in group] for name, group in terms.items()}
+    weights = top_k_weights.reshape(-1)[routing.perm]  # the combine weight of each sorted pair
+    out = grouped_experts(experts, hidden_states, routing, weights, terms, dropout)
+    return out.to(hidden_states.dtype)

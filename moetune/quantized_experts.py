@@ -25,6 +25,7 @@ longer applies to 4-bit experts of the standard layout: they always take this gr
 """
 
 import types
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -72,29 +73,83 @@ def gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: list[in
     return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[-1])
 
 
+def gmm_weight_grad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """`x[rows of g]^T @ grad[rows of g]` for each group g: `[G, in, out]` (zeros for empty groups)."""
+    grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    x_t = x.t()
+    usable = (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 0)
+              or x.device.type == "cpu" and _aligned(x_t, grad))
+    if grouped is not None and usable:
+        return grouped(x_t, grad, offs=offsets)
+    out, start = x.new_zeros(len(counts), x.shape[1], grad.shape[1]), 0
+    for g, n in enumerate(counts):
+        if n:
+            out[g] = x_t[:, start:start + n] @ grad[start:start + n]
+        start += n
+    return out
+
+
+class Run(NamedTuple):
+    """Consecutive routed experts taken together (`Routing.runs`)."""
+
+    rows: slice  # their pairs in the sorted order
+    first: int  # experts first..last-1 (those without pairs included): a plain weight's view
+    last: int
+    span_offsets: torch.Tensor  # int32 cumulative pair counts over first..last-1, for grouped_mm on that view
+    span_counts: list[int]
+    routed: torch.Tensor  # ids of the experts with pairs: what a 4-bit weight decodes
+    offsets: torch.Tensor  # the same over the routed ones only
+    counts: list[int]
+    whole: bool  # every expert of the layer, each with pairs: decode the whole stack at once
+
+
 class Routing:
     """Tokens grouped by expert, computed once per MoE layer forward and shared by both projections.
 
     Attributes:
         perm: `[T*k]` order that sorts the (token, slot) pairs by expert (stable).
+        tokens: `[T*k]` token of each sorted pair (`perm // k`).
         ids_sorted: `[T*k]` expert id of each sorted pair.
         counts: per-expert pair counts (host list; the one sync of the layer).
         offsets: `[E]` int32 cumulative counts, for grouped_mm over all experts.
-        routed: `[G]` ids of the experts with at least one pair; `routed_counts`, `routed_offsets` the same
-            over those only (what the 4-bit path dequantizes and multiplies).
     """
 
     def __init__(self, top_k_index: torch.Tensor, num_experts: int):
         ids = top_k_index.reshape(-1)
+        self.num_tokens, self.num_experts = top_k_index.shape[0], num_experts
         self.ids_sorted, self.perm = torch.sort(ids, stable=True)
+        self.tokens = self.perm // top_k_index.shape[1]
         counts_t = torch.bincount(self.ids_sorted, minlength=num_experts)
         self.counts = counts_t.tolist()
         self.offsets = torch.cumsum(counts_t, 0, dtype=torch.int32)
-        routed = [e for e, n in enumerate(self.counts) if n]
-        self.all_routed = len(routed) == num_experts
-        self.routed = torch.tensor(routed, dtype=torch.long, device=ids.device)
-        self.routed_counts = [self.counts[e] for e in routed]
-        self.routed_offsets = self.offsets if self.all_routed else self.offsets[self.routed]
+
+    def runs(self, expert_bytes: int, max_rows: int) -> list[Run]:
+        """The routed experts in runs of consecutive ones (each >= 1 expert) whose dequantized weights fit
+        `DEQUANT_CHUNK_BYTES` and whose pairs number at most `max_rows`."""
+        per_run = max(1, DEQUANT_CHUNK_BYTES // max(expert_bytes, 1))
+        runs, group, rows, row = [], [], 0, 0
+        for e, n in enumerate(self.counts):
+            if not n:
+                continue
+            if group and (len(group) == per_run or rows + n > max_rows):
+                runs.append(self._run(group, row, rows))
+                group, row, rows = [], row + rows, 0
+            group.append(e)
+            rows += n
+        if group:
+            runs.append(self._run(group, row, rows))
+        return runs
+
+    def _run(self, routed: list[int], row: int, rows: int) -> Run:
+        device = self.offsets.device
+        first, last = routed[0], routed[-1] + 1
+        counts = [self.counts[e] for e in routed]
+        span_counts = self.counts[first:last]
+        return Run(rows=slice(row, row + rows), first=first, last=last,
+                   span_offsets=torch.tensor(span_counts, device=device).cumsum(0, dtype=torch.int32),
+                   span_counts=span_counts, routed=torch.tensor(routed, dtype=torch.long, device=device),
+                   offsets=torch.tensor(counts, device=device).cumsum(0, dtype=torch.int32), counts=counts,
+                   whole=len(routed) == self.num_experts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,56 +252,20 @@ def use_flat_decoding(parametrization: nn.Module) -> None:
     parametrization.__class__ = _FLAT_CLASS
 
 
-def _chunks(routing: Routing, expert_bytes: int) -> list[tuple[int, int]]:
-    """Runs `[a, b)` of consecutive routed experts whose dequantized weights fit `DEQUANT_CHUNK_BYTES` (>= 1 each)."""
-    per_chunk = max(1, DEQUANT_CHUNK_BYTES // max(expert_bytes, 1))
-    return [(a, min(a + per_chunk, len(routing.routed_counts))) for a in range(0, len(routing.routed_counts), per_chunk)]
+def run_weight(experts: nn.Module, name: str, run: "Run", dtype: torch.dtype, *, transpose: bool):
+    """`(w [G, in, out], offsets, counts)` for `gmm` over the pairs of `run`: `W_e^T` (`transpose`) or `W_e`.
 
-
-def _project(x: torch.Tensor, experts: nn.Module, name: str, routing: Routing, transpose: bool) -> torch.Tensor:
-    """Rows of `x` (sorted by expert) times each routed expert's dequantized weight, `W^T` (forward) or `W` (backward).
-
-    The routed experts are dequantized a run at a time (`_chunks`), each run freed before the next is decoded.
+    A frozen 4-bit weight: only the run's routed experts, decoded into the reused CPU workspace, so the result is
+    valid until the next decode and must be used at once and not kept (each run's weight is read by one grouped
+    matmul). A plain weight: a view of the run's span of experts (those without pairs get empty groups).
     """
-    state = plain_4bit(experts, name).quant_state
-    expert_bytes = torch.Size(state.shape[1:]).numel() * x.element_size()
-    runs = _chunks(routing, expert_bytes)
-    # Decoded into the reused CPU workspace: each weight is read by one grouped matmul, then never again.
-    if len(runs) == 1:
-        weight = dequantize_experts(experts, name, None if routing.all_routed else routing.routed, x.dtype, reuse=True)
-        return gmm(x, weight.transpose(1, 2) if transpose else weight, routing.routed_offsets, routing.routed_counts)
-    out = x.new_empty(x.shape[0], state.shape[1] if transpose else state.shape[2])
-    row = 0
-    for a, b in runs:
-        counts = routing.routed_counts[a:b]
-        rows = sum(counts)
-        weight = dequantize_experts(experts, name, routing.routed[a:b], x.dtype, reuse=True)
-        offsets = torch.tensor(counts, device=x.device).cumsum(0, dtype=torch.int32)
-        out[row:row + rows] = gmm(x[row:row + rows], weight.transpose(1, 2) if transpose else weight, offsets, counts)
-        del weight
-        row += rows
-    return out
-
-
-class _QuantizedGroupedLinear(torch.autograd.Function):
-    """`x @ W_e^T` per group for a frozen 4-bit weight: routed experts dequantized in forward, again in backward.
-
-    Nothing weight-sized is saved for backward: only the routing (already alive for the layer).
-    """
-
-    @staticmethod
-    def forward(ctx, x, experts, name, routing):
-        ctx.experts, ctx.name, ctx.routing = experts, name, routing
-        return _project(x, experts, name, routing, transpose=True)
-
-    @staticmethod
-    def backward(ctx, grad):  # grad [S, out] @ W_e -> [S, in]
-        return _project(grad.contiguous(), ctx.experts, ctx.name, ctx.routing, transpose=False), None, None, None
-
-
-def quantized_grouped_linear(x: torch.Tensor, experts: nn.Module, name: str, routing: Routing) -> torch.Tensor:
-    """Base projection of a frozen plain 4-bit expert weight over tokens sorted by `routing`."""
-    return _QuantizedGroupedLinear.apply(x, experts, name, routing)
+    if plain_4bit(experts, name) is not None:
+        weight = dequantize_experts(experts, name, None if run.whole else run.routed, dtype, reuse=True)
+        offsets, counts = run.offsets, run.counts
+    else:
+        weight = getattr(experts, name)[run.first:run.last].detach()  # frozen: no base-weight gradient
+        offsets, counts = run.span_offsets, run.span_counts
+    return (weight.transpose(1, 2) if transpose else weight), offsets, counts
 
 
 # ---------------------------------------------------------------------------------------------------------

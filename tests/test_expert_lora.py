@@ -5,7 +5,9 @@ import torch
 from grad_checks import forward_backward, randomize_lora
 from peft import PeftModel
 
+from moetune import grouped_experts
 from moetune.adapters import add_adapters, load_adapter
+from moetune.architectures import find_moe_layers
 from moetune.config import LoraSection, ModelSection, QuantizationSection, load_recipe
 from moetune.errors import MoetuneError
 from moetune.expert_lora import install_split_lora, is_split, remove_split_lora
@@ -32,9 +34,12 @@ def _close(a, b):
     return torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
+@pytest.mark.parametrize("runs", ["one_run", "runs"])
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "4bit"])
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-def test_split_equals_peft_fold_expert_by_expert(tiny_model_dir, arch, quantized):
+def test_split_equals_peft_fold_expert_by_expert(tiny_model_dir, arch, quantized, runs, monkeypatch):
+    if runs == "runs":  # runs of at most T pairs: 32 tokens x top-2 in 2+ runs per projection
+        monkeypatch.setattr(grouped_experts, "ROUTED_CHUNK_BYTES", 0)
     model = add_adapters(_load(tiny_model_dir(arch), quantized), LoraSection(r=4, targets=["experts"], experts_path="peft"))
     assert not is_split(model)
     randomize_lora(model)
@@ -159,7 +164,8 @@ def test_recipe_allows_expert_dropout_only_with_split(tmp_path, monkeypatch):
         load_recipe(recipe)
 
 
-def test_gradient_checkpointing_replays_the_same_dropout(tiny_model_dir):
+def test_gradient_checkpointing_replays_the_same_dropout(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(grouped_experts, "ROUTED_CHUNK_BYTES", 0)  # several runs, each with its own mask
     model = add_adapters(_load(tiny_model_dir("qwen3_moe"), quantized=True),
                          LoraSection(r=4, targets=["experts", "attention"], experts_path="split", dropout=0.2))
     randomize_lora(model)
@@ -177,3 +183,41 @@ def test_gradient_checkpointing_replays_the_same_dropout(tiny_model_dir):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     checkpointed = grads()
     assert all(plain[n].abs().sum() > 0 and torch.equal(plain[n], checkpointed[n]) for n in plain)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "4bit"])
+def test_no_tensor_of_every_routed_pair_by_hidden_size_is_built_or_kept(tiny_model_dir, quantized, monkeypatch):
+    # The routing plumbing (gathered inputs, their gradient, the expert outputs before the combine, the unsort)
+    # stays a run of experts wide: runs of at most T pairs here, so no [T*k, H] tensor may appear in backward,
+    # nor be saved by the forward. T*k = 48 x 4 = 192 rows of H = 64: a shape nothing else in the model has.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(grouped_experts, "ROUTED_CHUNK_BYTES", 0)
+    path = tiny_model_dir("qwen3_moe", num_experts=8, num_experts_per_tok=4, moe_intermediate_size=24)  # 2I != H
+    model = add_adapters(_load(path, quantized), LoraSection(r=4, targets=["experts"], experts_path="split", dropout=0.1))
+    randomize_lora(model)
+    model.train()
+    ids = torch.randint(6, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    pairs_by_hidden = (2 * 24 * 4, model.config.hidden_size)
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen += [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            return out
+
+    saved, forward = [], Shapes()
+    with forward, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        loss = model(ids, labels=ids).loss
+    assert find_moe_layers(model)[0].experts.num_experts == 8 and pairs_by_hidden[0] > 48
+    assert pairs_by_hidden not in saved
+    backward = Shapes()
+    with backward:
+        loss.backward()
+    assert backward.seen and pairs_by_hidden not in backward.seen
+    experts_grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "experts" in n]
+    assert experts_grads and all(g is not None and g.abs().sum() > 0 for g in experts_grads)

@@ -1,0 +1,225 @@
+"""Fused experts (frozen base + LoRA) over tokens grouped by expert, a run of experts at a time, in both passes.
+
+With T tokens routed top-k, the experts see S = T*k (token, expert) pairs. Written with plain autograd ops, the
+split path's routing plumbing builds `[S, H]` tensors whose only job is to move rows around: the gathered input
+`hidden[token of pair]` and, in backward, its gradient (summed over the base and every LoRA path, then
+index-added into `[T, H]`); on the output side the `[S, H]` expert outputs kept for the combine weights' gradient,
+and in backward the gradients of the unsort and of the `* weight` product. At S = 16384, H = 512 in fp32 each is
+32 MB, several per layer, while the layer's own input and output are `[T, H]`.
+
+So each projection is one autograd Function that walks the routed experts in runs (`Routing.runs`: consecutive
+experts, at most `DEQUANT_CHUNK_BYTES` of dequantized weight and at most `max(T, ROUTED_CHUNK_BYTES / H)` pairs):
+
+* `GatherProject` (gate_up_proj): `hidden [T, H]` -> `[S, 2I]`. Per run it gathers its tokens' rows, multiplies
+  base and LoRA, and writes its rows of the output; backward gathers nothing from the output side, builds the
+  run's input gradient and index-adds it straight into `[T, H]`.
+* `ProjectCombine` (down_proj): `h [S, I]`, combine weights `[S]` -> `[T, H]`. Per run: base + LoRA, times the
+  weights, index-added into `[T, H]`. Backward gathers the run's rows of the output gradient and gets the combine
+  weights' gradient from products it needs anyway (`g . y = (g W) . h + sum s (g B^T) . u`), so the expert outputs
+  are never kept.
+
+Nothing but the Function inputs is saved (`hidden` or `h`, the combine weights, the small LoRA factors): the LoRA
+intermediates `u = drop(x) A` (`[n, r]`) are recomputed in backward, a 4-bit base weight is decoded again a run
+at a time (`quantized_experts.run_weight`), and the LoRA dropout mask of run i is drawn from its own generator
+seeded `seed + i`, so backward (and a gradient-checkpointing replay, which redraws `seed` from the restored global
+RNG) regenerates exactly the same mask. The family's gate (`experts._apply_gate`) stays ordinary autograd
+between the two Functions.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from moetune import quantized_experts
+from moetune.quantized_experts import Routing, Run, gmm, gmm_weight_grad
+
+
+# Most bytes of gathered activations (`[pairs, H]`) one run handles, unless the layer's own `[T, H]` is larger:
+# the backward then never holds a routing transient bigger than that (measured: fine shape, 8 MiB keeps a run
+# several experts wide for grouped_mm and the split path's backward under half of PEFT's fold).
+ROUTED_CHUNK_BYTES = 8 << 20
+
+
+@dataclass
+class Projection:
+    """One fused expert weight over the sorted pairs: its runs, its LoRA terms' scales, its dropout."""
+
+    experts: nn.Module
+    name: str
+    routing: Routing
+    runs: list[Run]
+    scales: list[float]
+    dropout: float
+    seed: int | None  # dropout: run i draws its mask from a generator seeded `seed + i`
+    dtype: torch.dtype
+    out_features: int
+
+    def base(self, x: torch.Tensor, run: Run, *, transpose: bool) -> torch.Tensor:
+        weight, offsets, counts = quantized_experts.run_weight(self.experts, self.name, run, self.dtype,
+                                                               transpose=transpose)
+        return gmm(x, weight, offsets, counts)
+
+    def drop(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """`x` times run i's dropout mask (the same mask every call: forward input and backward gradient alike)."""
+        if self.seed is None:
+            return x
+        # The 16-bit draws of `router_controls._dropout` (cheap on CPU), from the run's own generator.
+        gen = torch.Generator(device=x.device).manual_seed(self.seed + i)
+        threshold = min(round(self.dropout * 65536), 65535)
+        bits = torch.randint(-(2**31), 2**31 - 1, ((x.numel() + 1) // 2,), dtype=torch.int32, device=x.device,
+                             generator=gen)
+        keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= threshold - 32768
+        return x * (keep.to(x.dtype) * (65536 / (65536 - threshold)))
+
+
+def make_projection(experts: nn.Module, name: str, routing: Routing, terms: list, dropout: float,
+                    dtype: torch.dtype, width: int) -> Projection:
+    """`width`: the columns of the rows a run gathers (H on both sides)."""
+    state = quantized_experts.plain_4bit(experts, name)
+    shape = state.quant_state.shape if state is not None else getattr(experts, name).shape
+    element = torch.empty(0, dtype=dtype).element_size()
+    max_rows = max(routing.num_tokens, ROUTED_CHUNK_BYTES // max(width * element, 1))
+    runs = routing.runs(shape[1:].numel() * element, max_rows)
+    seed = None
+    if dropout > 0 and terms:
+        # From the global RNG, so a checkpointed forward replays it (below 2**62: seed + run stays in range).
+        seed = int(torch.randint(0, 2**62, (), device=routing.perm.device))
+    return Projection(experts, name, routing, runs, [scale for _, _, scale in terms], dropout, seed, dtype, shape[1])
+
+
+def _accumulator(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    # index_add_ rounds at every add: low-precision sums are kept in fp32 (k adds per token).
+    dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+    return torch.zeros(rows, cols, dtype=dtype, device=like.device)
+
+
+def _lora_forward(proj: Projection, x: torch.Tensor, run: Run, i: int, factors: tuple) -> torch.Tensor | None:
+    """`sum_t s_t (drop(x) A_t) B_t` over the run's experts (None without terms)."""
+    if not proj.scales:
+        return None
+    x = proj.drop(x, i)
+    delta = None
+    for t, scale in enumerate(proj.scales):
+        a, b = factors[2 * t][run.first:run.last], factors[2 * t + 1][run.first:run.last]
+        d = gmm(gmm(x, a, run.span_offsets, run.span_counts), b, run.span_offsets, run.span_counts) * scale
+        delta = d if delta is None else delta + d
+    return delta
+
+
+def _lora_backward(proj: Projection, x: torch.Tensor, grad: torch.Tensor, run: Run, i: int, factors: tuple,
+                   grad_factors: list, row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+    """Gradients of `sum_t s_t (drop(x) A_t) B_t` (each row times `row_scale`) given its output gradient `grad`.
+
+    Fills the run's experts of `grad_factors`; returns the gradient for `x` and, per term, `u_t . (grad B_t^T) s_t`
+    (row by row: what the combine weights' gradient needs).
+    """
+    offsets, counts = run.span_offsets, run.span_counts
+    xd = proj.drop(x, i)
+    grad_xd, dots = None, []
+    for t, scale in enumerate(proj.scales):
+        a, b = factors[2 * t][run.first:run.last], factors[2 * t + 1][run.first:run.last]
+        u = gmm(xd, a, offsets, counts)  # recomputed: [n, r], cheaper than keeping
+        grad_u = gmm(grad, b.transpose(1, 2), offsets, counts) * scale
+        dots.append((grad_u * u).sum(-1))
+        if row_scale is not None:
+            grad_u = grad_u * row_scale
+            u = u * row_scale
+        grad_factors[2 * t + 1][run.first:run.last] = gmm_weight_grad(u, grad, offsets, counts) * scale
+        grad_factors[2 * t][run.first:run.last] = gmm_weight_grad(xd, grad_u, offsets, counts)
+        d = gmm(grad_u, a.transpose(1, 2), offsets, counts)
+        grad_xd = d if grad_xd is None else grad_xd + d
+    return proj.drop(grad_xd, i), dots
+
+
+class GatherProject(torch.autograd.Function):
+    """`out[p] = x_p W_e^T + sum_t s_t (drop(x_p) A_t,e) B_t,e` with `x_p = hidden[token of pair p]`: `[S, out]`."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, proj: Projection, *factors: torch.Tensor) -> torch.Tensor:
+        tokens = proj.routing.tokens
+        out = hidden.new_empty(tokens.shape[0], proj.out_features)
+        for i, run in enumerate(proj.runs):
+            x = hidden[tokens[run.rows]]  # this run's rows only
+            y = proj.base(x, run, transpose=True)
+            delta = _lora_forward(proj, x, run, i, factors)
+            out[run.rows] = y if delta is None else y + delta
+        ctx.proj = proj
+        ctx.save_for_backward(hidden, *factors)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, *factors = ctx.saved_tensors
+        proj, tokens = ctx.proj, ctx.proj.routing.tokens
+        grad_hidden = _accumulator(hidden.shape[0], hidden.shape[1], hidden)
+        grad_factors = [torch.zeros_like(f) for f in factors]
+        for i, run in enumerate(proj.runs):
+            grad = grad_out[run.rows].contiguous()
+            grad_x = proj.base(grad, run, transpose=False)  # grad @ W_e
+            if proj.scales:
+                grad_x = grad_x + _lora_backward(proj, hidden[tokens[run.rows]], grad, run, i, factors,
+                                                 grad_factors)[0]
+            grad_hidden.index_add_(0, tokens[run.rows], grad_x.to(grad_hidden.dtype))  # straight into [T, H]
+        return grad_hidden.to(hidden.dtype), None, *grad_factors
+
+
+class ProjectCombine(torch.autograd.Function):
+    """`out[t] = sum over t's pairs p of w_p (h_p W_e^T + sum_t s_t (drop(h_p) A_t,e) B_t,e)`: `[T, out]`."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weights: torch.Tensor, proj: Projection, *factors: torch.Tensor):
+        tokens = proj.routing.tokens
+        out = _accumulator(proj.routing.num_tokens, proj.out_features, h)
+        for i, run in enumerate(proj.runs):
+            x = h[run.rows]
+            y = proj.base(x, run, transpose=True)
+            delta = _lora_forward(proj, x, run, i, factors)
+            if delta is not None:
+                y = y + delta
+            out.index_add_(0, tokens[run.rows], (y * weights[run.rows].unsqueeze(-1)).to(out.dtype))
+        ctx.proj = proj
+        ctx.save_for_backward(h, weights, *factors)
+        return out.to(h.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        h, weights, *factors = ctx.saved_tensors
+        proj, tokens = ctx.proj, ctx.proj.routing.tokens
+        grad_h, grad_weights = torch.empty_like(h), torch.empty_like(weights)
+        grad_factors = [torch.zeros_like(f) for f in factors]
+        grad_out = grad_out.to(h.dtype)
+        for i, run in enumerate(proj.runs):
+            grad = grad_out[tokens[run.rows]]  # this run's rows of the output gradient, without the weights
+            w = weights[run.rows].unsqueeze(-1)
+            x = h[run.rows]
+            grad_x = proj.base(grad, run, transpose=False)  # grad @ W_e, before the weight
+            dot = (grad_x * x).sum(-1)  # grad . (x W_e^T): the base's share of the weight's gradient
+            if proj.scales:
+                grad_xd, dots = _lora_backward(proj, x, grad, run, i, factors, grad_factors, row_scale=w)
+                dot = dot + sum(dots)
+                grad_h[run.rows] = grad_x * w + grad_xd
+            else:
+                grad_h[run.rows] = grad_x * w
+            grad_weights[run.rows] = dot
+        return grad_h, grad_weights, None, *grad_factors
+
+
+def grouped_experts(experts: nn.Module, hidden_states: torch.Tensor, routing: Routing, weights: torch.Tensor,
+                    terms: dict[str, list], dropout: float) -> torch.Tensor:
+    """The experts block `[T, H]` -> `[T, H]`: gate_up_proj, the family's gate, down_proj, combined by `weights`.
+
+    Args:
+        weights: `[S]` combine weight of each sorted pair.
+        terms: per parameter name, `(A^T [E, in, r], B^T [E, r, out], scale)` triples.
+    """
+    width = hidden_states.shape[-1]
+    up = make_projection(experts, "gate_up_proj", routing, terms["gate_up_proj"], dropout, hidden_states.dtype, width)
+    factors = [f for a, b, _ in terms["gate_up_proj"] for f in (a, b)]
+    h = experts._apply_gate(GatherProject.apply(hidden_states, up, *factors))  # the family's gate (+ expert dropout)
+    down = make_projection(experts, "down_proj", routing, terms["down_proj"], dropout, h.dtype, width)
+    factors = [f for a, b, _ in terms["down_proj"] for f in (a, b)]
+    return ProjectCombine.apply(h, weights.to(h.dtype), down, *factors)
