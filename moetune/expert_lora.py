@@ -11,7 +11,8 @@ with the tokens sorted by expert once and every product a grouped matmul over th
 (`torch.nn.functional.grouped_mm`, or a loop over experts where its stride rule does not hold). The base weight
 (4-bit ones dequantized as usual) gets no gradient; the LoRA factors get theirs from `[tokens, r]`-sized products.
 A 4-bit base weight is dequantized only for the routed experts, and again in backward instead of being kept
-(`moetune.quantized_experts`).
+(`moetune.quantized_experts`). Both projections walk the routed experts a run at a time in forward and backward and
+scatter their gradients straight into `[T, H]`, so no `[T*k, H]` routing tensor is built (`moetune.grouped_experts`).
 
 Design: parameters, saving and loading stay PEFT's. `add_adapters` still creates PEFT's `ParamWrapper`s, so the
 trainable tensors are PEFT's own `lora_A [r*E, in]` / `lora_B [out, r*E]` and `save_pretrained` /

@@ -12,13 +12,13 @@ Here instead, per projection:
   bitsandbytes quantizes the flattened `[E, out, in]` tensor in 64-element blocks, so expert e's packed bytes and
   absmax blocks are a contiguous row of `packed.view(E, -1)` / `absmax.view(E, -1)` whenever out*in is a multiple
   of 64; the saved format is unchanged);
-* the dequantized weight is freed right after the grouped matmul and recomputed in backward (a custom autograd
-  Function that saves nothing but the routing), so at most one projection's routed experts are ever dequantized,
-  and of those at most `DEQUANT_CHUNK_BYTES` at a time.
+* the dequantized weight is freed right after the grouped matmul and decoded again in backward (the autograd
+  Functions of `moetune.grouped_experts` save no weight), a run of experts at a time (`Routing.runs`,
+  `run_weight`): at most `DEQUANT_CHUNK_BYTES` of dequantized experts are ever alive.
 
 `install_quantized_forward` gives each 4-bit experts module an instance-level `forward` (no class is patched) that
 runs `expert_lora.split_experts_forward` with no LoRA terms; the split expert-LoRA path uses the same
-`quantized_grouped_linear` for its base weights. Whenever a weight carries more than the 4-bit parametrization
+`run_weight` for its base weights. Whenever a weight carries more than the 4-bit parametrization
 (PEFT's fold registers its LoRA proxy on it) or the layout is not the standard concatenated one, the module's own
 forward runs, exactly as before. `model.experts_implementation` (eager / grouped_mm / batched_mm) therefore no
 longer applies to 4-bit experts of the standard layout: they always take this grouped path (the same function).
