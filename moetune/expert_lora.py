@@ -204,8 +204,10 @@ def _split_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor 
                    top_k_weights: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
     wrappers, experts = _chain(self)
     if (args or kwargs or top_k_index is None or top_k_weights is None
-            or any(w.disable_adapters or w.merged for w in wrappers)):
-        # Adapters off or merged, per-batch adapter names, an unexpected call: PEFT's own forward.
+            or any(w.disable_adapters or w.merged for w in wrappers)
+            or any(p.requires_grad for p in experts._parameters.values() if p is not None)):
+        # Adapters off or merged, per-batch adapter names, an unexpected call, or base expert weights being trained
+        # too (the split Functions give the base no gradient): PEFT's own forward.
         return type(self).forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
     settings = self.__dict__[_ATTR]
     terms = {name: [] for name in _PARAMS}

@@ -221,3 +221,19 @@ def test_no_tensor_of_every_routed_pair_by_hidden_size_is_built_or_kept(tiny_mod
     assert backward.seen and pairs_by_hidden not in backward.seen
     experts_grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "experts" in n]
     assert experts_grads and all(g is not None and g.abs().sum() > 0 for g in experts_grads)
+
+
+def test_trainable_base_experts_still_get_their_gradient_under_split_lora(tiny_model_dir):
+    # The split Functions never give the base expert weight a gradient; when a recipe trains it too (freezing
+    # presets on top of expert LoRA), the forward must be PEFT's fold, not a silently frozen base.
+    model = add_adapters(_load(tiny_model_dir("mixtral")), LoraSection(r=4, targets=["experts"], experts_path="split"))
+    assert is_split(model)
+    randomize_lora(model)
+    base = [p for n, p in model.named_parameters() if n.endswith("experts.base_layer.base_layer.gate_up_proj")
+            or n.endswith("experts.base_layer.gate_up_proj")]
+    assert base
+    for param in base:
+        param.requires_grad_(True)
+    model.train()
+    model(input_ids=_ids()).logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in base)
