@@ -34,6 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from moetune import quantized_experts
 from moetune.quantized_experts import Routing, Run, gmm, gmm_weight_grad
+from moetune.router_controls import scaled_keep_mask
 
 
 # Most bytes of gathered activations (`[pairs, H]`) one run handles, unless the layer's own `[T, H]` is larger:
@@ -67,11 +68,7 @@ class Projection:
             return x
         # The 16-bit draws of `router_controls._dropout` (cheap on CPU), from the run's own generator.
         gen = torch.Generator(device=x.device).manual_seed(self.seed + i)
-        threshold = min(round(self.dropout * 65536), 65535)
-        bits = torch.randint(-(2**31), 2**31 - 1, ((x.numel() + 1) // 2,), dtype=torch.int32, device=x.device,
-                             generator=gen)
-        keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= threshold - 32768
-        return x * (keep.to(x.dtype) * (65536 / (65536 - threshold)))
+        return x * scaled_keep_mask(x, self.dropout, gen)
 
 
 def make_projection(experts: nn.Module, name: str, routing: Routing, terms: list, dropout: float,

@@ -56,14 +56,20 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _grouped_mm_for(a: torch.Tensor, b: torch.Tensor):
+    """torch's grouped_mm when it exists and can take `a @ b` on their device, else None."""
+    grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    # The device conditions of transformers' `_can_use_grouped_mm`: CUDA from SM80 on, CPU with aligned strides.
+    usable = (a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) >= (8, 0)
+              or a.device.type == "cpu" and _aligned(a, b))
+    return grouped if usable else None
+
+
 def gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """`x[rows of group g] @ w[g]` for each group g; `x [S, in]` sorted by group, `w [G, in, out]`, `counts [G]`."""
     w = w.to(x.dtype)
-    grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    # The device conditions of transformers' `_can_use_grouped_mm`: CUDA from SM80 on, CPU with aligned strides.
-    usable = (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 0)
-              or x.device.type == "cpu" and _aligned(x, w))
-    if grouped is not None and usable:
+    grouped = _grouped_mm_for(x, w)
+    if grouped is not None:
         return grouped(x, w, offs=offsets)
     pieces, start = [], 0
     for g, n in enumerate(counts):
@@ -75,11 +81,9 @@ def gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: list[in
 
 def gmm_weight_grad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """`x[rows of g]^T @ grad[rows of g]` for each group g: `[G, in, out]` (zeros for empty groups)."""
-    grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     x_t = x.t()
-    usable = (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 0)
-              or x.device.type == "cpu" and _aligned(x_t, grad))
-    if grouped is not None and usable:
+    grouped = _grouped_mm_for(x_t, grad)
+    if grouped is not None:
         return grouped(x_t, grad, offs=offsets)
     out, start = x.new_zeros(len(counts), x.shape[1], grad.shape[1]), 0
     for g, n in enumerate(counts):

@@ -168,7 +168,16 @@ def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p=p, training=True)
+    return x * scaled_keep_mask(x, p)
+
+
+def scaled_keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`_dropout`'s factor for `x`: 0 for a dropped element, 1/(1 - p') for a kept one (p' = p in 1/65536 steps).
+
+    From `generator` when given (a mask that must be drawn again identically, `moetune.grouped_experts`).
+    """
     threshold = min(round(p * 65536), 65535)
-    bits = torch.randint(-(2**31), 2**31 - 1, ((x.numel() + 1) // 2,), dtype=torch.int32, device=x.device)
+    bits = torch.randint(-(2**31), 2**31 - 1, ((x.numel() + 1) // 2,), dtype=torch.int32, device=x.device,
+                         generator=generator)
     keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= threshold - 32768
-    return x * (keep.to(x.dtype) * (65536 / (65536 - threshold)))
+    return keep.to(x.dtype) * (65536 / (65536 - threshold))

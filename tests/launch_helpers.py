@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 
+
 _RANK_PREFIX = re.compile(r"^\[rank(\d+)\]:")
 
 
