@@ -33,8 +33,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from moetune import quantized_experts
-from moetune.quantized_experts import Routing, Run, gmm, gmm_weight_grad
-from moetune.router_controls import scaled_keep_mask
+from moetune.dropout_masks import apply_mask, draw_seed, keep_mask
+from moetune.grouped_matmul import gmm, gmm_weight_grad
+from moetune.quantized_experts import Routing, Run
 
 
 # Most bytes of gathered activations (`[pairs, H]`) one run handles, unless the layer's own `[T, H]` is larger:
@@ -66,9 +67,7 @@ class Projection:
         """`x` times run i's dropout mask (the same mask every call: forward input and backward gradient alike)."""
         if self.seed is None:
             return x
-        # The 16-bit draws of `router_controls._dropout` (cheap on CPU), from the run's own generator.
-        gen = torch.Generator(device=x.device).manual_seed(self.seed + i)
-        return x * scaled_keep_mask(x, self.dropout, gen)
+        return apply_mask(x, keep_mask(x.shape, self.dropout, self.seed + i, x.device), self.dropout)
 
 
 def make_projection(experts: nn.Module, name: str, routing: Routing, terms: list, dropout: float,
@@ -82,7 +81,7 @@ def make_projection(experts: nn.Module, name: str, routing: Routing, terms: list
     seed = None
     if dropout > 0 and terms:
         # From the global RNG, so a checkpointed forward replays it (below 2**62: seed + run stays in range).
-        seed = int(torch.randint(0, 2**62, (), device=routing.perm.device))
+        seed = draw_seed(routing.perm.device)
     return Projection(experts, name, routing, runs, [scale for _, _, scale in terms], dropout, seed, dtype, shape[1])
 
 
@@ -136,12 +135,19 @@ class GatherProject(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, proj: Projection, *factors: torch.Tensor) -> torch.Tensor:
         tokens = proj.routing.tokens
-        out = hidden.new_empty(tokens.shape[0], proj.out_features)
+        out = None if len(proj.runs) == 1 else hidden.new_empty(tokens.shape[0], proj.out_features)
         for i, run in enumerate(proj.runs):
             x = hidden[tokens[run.rows]]  # this run's rows only
             y = proj.base(x, run, transpose=True)
             delta = _lora_forward(proj, x, run, i, factors)
-            out[run.rows] = y if delta is None else y + delta
+            if delta is not None:
+                y.add_(delta)
+            if out is None:
+                out = y  # one run holds every pair: its output is the whole output (no [S, out] copy)
+            else:
+                out[run.rows] = y
+        if out is None:  # nothing routed (no tokens)
+            out = hidden.new_empty(0, proj.out_features)
         ctx.proj = proj
         ctx.save_for_backward(hidden, *factors)
         return out
@@ -157,8 +163,7 @@ class GatherProject(torch.autograd.Function):
             grad = grad_out[run.rows].contiguous()
             grad_x = proj.base(grad, run, transpose=False)  # grad @ W_e
             if proj.scales:
-                grad_x = grad_x + _lora_backward(proj, hidden[tokens[run.rows]], grad, run, i, factors,
-                                                 grad_factors)[0]
+                grad_x.add_(_lora_backward(proj, hidden[tokens[run.rows]], grad, run, i, factors, grad_factors)[0])
             grad_hidden.index_add_(0, tokens[run.rows], grad_x.to(grad_hidden.dtype))  # straight into [T, H]
         return grad_hidden.to(hidden.dtype), None, *grad_factors
 
@@ -175,8 +180,8 @@ class ProjectCombine(torch.autograd.Function):
             y = proj.base(x, run, transpose=True)
             delta = _lora_forward(proj, x, run, i, factors)
             if delta is not None:
-                y = y + delta
-            out.index_add_(0, tokens[run.rows], (y * weights[run.rows].unsqueeze(-1)).to(out.dtype))
+                y.add_(delta)
+            out.index_add_(0, tokens[run.rows], y.mul_(weights[run.rows].unsqueeze(-1)).to(out.dtype))
         ctx.proj = proj
         ctx.save_for_backward(h, weights, *factors)
         return out.to(h.dtype)
@@ -194,13 +199,16 @@ class ProjectCombine(torch.autograd.Function):
             w = weights[run.rows].unsqueeze(-1)
             x = h[run.rows]
             grad_x = proj.base(grad, run, transpose=False)  # grad @ W_e, before the weight
-            dot = (grad_x * x).sum(-1)  # grad . (x W_e^T): the base's share of the weight's gradient
+            # grad . (x W_e^T): the base's share of the weight's gradient (vecdot: no [n, in] product tensor)
+            dot = torch.linalg.vecdot(grad_x, x)
+            # Written straight into grad_h's rows (out=): elementwise temporaries of [n, in] cost more in fresh
+            # pages than in arithmetic on CPU (measured, docs/benchmarks.md).
             if proj.scales:
                 grad_xd, dots = _lora_backward(proj, x, grad, run, i, factors, grad_factors, row_scale=w)
                 dot = dot + sum(dots)
-                grad_h[run.rows] = grad_x * w + grad_xd
+                torch.addcmul(grad_xd, grad_x, w, out=grad_h[run.rows])
             else:
-                grad_h[run.rows] = grad_x * w
+                torch.mul(grad_x, w, out=grad_h[run.rows])
             grad_weights[run.rows] = dot
         return grad_h, grad_weights, None, *grad_factors
 

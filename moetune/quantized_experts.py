@@ -44,53 +44,7 @@ DEQUANT_CHUNK_BYTES = 64 << 20
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Grouped matmul
-
-
-def _aligned(*tensors: torch.Tensor) -> bool:
-    # grouped_mm's CPU kernel wants every non-unit stride on a 16-byte boundary (and 16-byte-aligned data).
-    for t in tensors:
-        size = t.element_size()
-        if t.data_ptr() % 16 or any(s != 1 and (s * size) % 16 for s in t.stride()):
-            return False
-    return True
-
-
-def _grouped_mm_for(a: torch.Tensor, b: torch.Tensor):
-    """torch's grouped_mm when it exists and can take `a @ b` on their device, else None."""
-    grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    # The device conditions of transformers' `_can_use_grouped_mm`: CUDA from SM80 on, CPU with aligned strides.
-    usable = (a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) >= (8, 0)
-              or a.device.type == "cpu" and _aligned(a, b))
-    return grouped if usable else None
-
-
-def gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """`x[rows of group g] @ w[g]` for each group g; `x [S, in]` sorted by group, `w [G, in, out]`, `counts [G]`."""
-    w = w.to(x.dtype)
-    grouped = _grouped_mm_for(x, w)
-    if grouped is not None:
-        return grouped(x, w, offs=offsets)
-    pieces, start = [], 0
-    for g, n in enumerate(counts):
-        if n:
-            pieces.append(x[start:start + n] @ w[g])
-        start += n
-    return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[-1])
-
-
-def gmm_weight_grad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """`x[rows of g]^T @ grad[rows of g]` for each group g: `[G, in, out]` (zeros for empty groups)."""
-    x_t = x.t()
-    grouped = _grouped_mm_for(x_t, grad)
-    if grouped is not None:
-        return grouped(x_t, grad, offs=offsets)
-    out, start = x.new_zeros(len(counts), x.shape[1], grad.shape[1]), 0
-    for g, n in enumerate(counts):
-        if n:
-            out[g] = x_t[:, start:start + n] @ grad[start:start + n]
-        start += n
-    return out
+# Tokens grouped by expert
 
 
 class Run(NamedTuple):

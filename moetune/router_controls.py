@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import _default_apply_gate  # private, but transformers is pinned to 5.23.x
 
+from moetune import dropout_masks
 from moetune.architectures import find_moe_layers
 from moetune.config import MoESection
 from moetune.errors import MoetuneError
@@ -157,27 +158,10 @@ def _add_expert_dropout(experts: nn.Module, p: float, controls: RouterControls) 
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout. On CPU it draws 16-bit random integers instead of going through `F.dropout`.
-
-    `F.dropout` on CPU calls `bernoulli_`, one floating-point draw per element, and on the expert activations of a
-    training step that cost more than the rest of moetune's additions together (scripts/bench_step_overhead.py,
-    docs/benchmarks.md). Two 16-bit draws per int32 random are several times cheaper; the drop probability is
-    then `p` rounded to a multiple of 1/65536, and the kept values are scaled by the exact 1/(1 - that).
-    """
+    """Inverted dropout: `F.dropout` on an accelerator, `moetune.dropout_masks` on CPU (where `F.dropout`'s
+    per-element `bernoulli_` cost more than the rest of moetune's additions together: docs/benchmarks.md)."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p=p, training=True)
-    return x * scaled_keep_mask(x, p)
-
-
-def scaled_keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """`_dropout`'s factor for `x`: 0 for a dropped element, 1/(1 - p') for a kept one (p' = p in 1/65536 steps).
-
-    From `generator` when given (a mask that must be drawn again identically, `moetune.grouped_experts`).
-    """
-    threshold = min(round(p * 65536), 65535)
-    bits = torch.randint(-(2**31), 2**31 - 1, ((x.numel() + 1) // 2,), dtype=torch.int32, device=x.device,
-                         generator=generator)
-    keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= threshold - 32768
-    return keep.to(x.dtype) * (65536 / (65536 - threshold))
+    return dropout_masks.dropout(x, p)

@@ -1,0 +1,86 @@
+"""Grouped matmul over expert-sorted rows: bf16 on CPU multiplies over a few bucketed row counts (so oneDNN reuses its
+compiled kernels) and still gives every group exactly its own rows' products, down the real 4-bit chain too."""
+
+import random
+
+import pytest
+import torch
+from grad_checks import forward_backward, randomize_lora
+
+from moetune.adapters import add_adapters
+from moetune.config import LoraSection, ModelSection, QuantizationSection
+from moetune.grouped_matmul import bucket_rows, gmm
+from moetune.loading import load_model
+from moetune.quantized_experts import remove_quantized_forward
+
+
+def test_bucketed_row_counts_cover_the_rows_with_little_waste_and_few_sizes():
+    sizes = {bucket_rows(n) for n in range(1, 8193)}
+    for n in range(1, 8193):
+        m = bucket_rows(n)
+        assert m >= n and m % 8 == 0
+        assert m - n < 8 if n < 128 else m <= n * 1.0625
+    assert len(sizes) <= 16 + 16 * 6  # 8-row steps below 128, then 16 sizes per doubling up to 8192
+
+
+def _reference(x, w, counts):
+    out, start = [], 0
+    for g, n in enumerate(counts):
+        out.append(x[start:start + n].float() @ w[g].float())
+        start += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("counts", [[37, 0, 5, 90, 1], [0, 0, 64], [3], [200, 13, 0, 0, 7]],
+                         ids=["mixed", "leading-empty", "one-group", "short-tail"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_bf16_groups_get_exactly_their_own_rows(counts, transposed):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(counts), 48, generator=gen).bfloat16()
+    w = torch.randn(len(counts), 40, 48, generator=gen).bfloat16().transpose(1, 2) if transposed else \
+        torch.randn(len(counts), 48, 40, generator=gen).bfloat16()
+    offsets = torch.tensor(counts).cumsum(0, dtype=torch.int32)
+    out = gmm(x, w, offsets, counts)
+    assert out.shape == (sum(counts), 40) and out.dtype == torch.bfloat16
+    # bf16 rounding of one product only; a row from a neighbouring group would be off by the whole product
+    torch.testing.assert_close(out.float(), _reference(x, w, counts), rtol=1e-2, atol=1e-2)
+
+
+def test_many_routings_reuse_a_few_matmul_shapes(monkeypatch):
+    shapes, mm = set(), torch.mm
+
+    def spy(a, b, **kwargs):
+        shapes.add(a.shape[0])
+        return mm(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    rng = random.Random(0)
+    w = torch.randn(8, 32, 16).bfloat16()
+    exact = set()
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, 1024), 7))
+        counts = [b - a for a, b in zip([0, *cuts], [*cuts, 1024])]
+        exact.update(counts)
+        gmm(torch.randn(1024, 32).bfloat16(), w, torch.tensor(counts).cumsum(0, dtype=torch.int32), counts)
+    assert len(exact) > 300  # what per-count kernels would have compiled
+    assert shapes and shapes <= {bucket_rows(n) for n in exact}  # every multiply over a bucketed row count
+    assert len(shapes) <= 80
+
+
+def test_bf16_4bit_experts_chain_equals_the_dequantize_everything_path(tiny_model_dir):
+    path = tiny_model_dir("mixtral")
+    model = load_model(ModelSection(name_or_path=str(path), dtype="bfloat16"), QuantizationSection(),
+                       with_tokenizer=False)[0]
+    model = add_adapters(model, LoraSection(r=4, targets=["attention"]))
+    randomize_lora(model)
+    model.train()
+    ids = torch.randint(6, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits, d_embeds, grads = forward_backward(model, ids)
+    assert remove_quantized_forward(model) == 2  # transformers' grouped_mm over every dequantized expert
+    ref_logits, ref_d_embeds, ref_grads = forward_backward(model, ids)
+    torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(d_embeds.float(), ref_d_embeds.float(), rtol=5e-2, atol=5e-2 * float(ref_d_embeds.abs().max()))
+    for name, grad in grads.items():
+        ref = ref_grads[name].float()
+        assert ref.abs().sum() > 0, name
+        torch.testing.assert_close(grad.float(), ref, rtol=5e-2, atol=5e-2 * float(ref.abs().max()))
