@@ -12,7 +12,8 @@ import pytest
 from moetune.adapters import resolve_targets
 from moetune.architectures import classify_parameters, describe_moe, find_moe_layers
 from moetune.config import FreezeSection, ModelSection, load_recipe
-from moetune.data import SplitReport, _read_rows
+from moetune.data import SplitReport
+from moetune.data_sources import _read_rows
 from moetune.errors import MoetuneError, RecipeError
 from moetune.freezing import freeze
 from moetune.loading import load_model, read_config
