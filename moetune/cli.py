@@ -102,7 +102,8 @@ def _add_verbosity(p: argparse.ArgumentParser) -> None:
 
 
 def _routing(args: argparse.Namespace) -> None:
-    from moetune.telemetry import format_routing_report, routing_from_paths, write_routing_report
+    from moetune.routing_report import format_routing_report, write_routing_report
+    from moetune.telemetry import routing_from_paths
 
     report = routing_from_paths(args.model, args.data, max_examples=args.max_examples, max_length=args.max_length,
                                 batch_size=args.batch_size)

@@ -10,7 +10,7 @@ from tiny_runs import make_run
 
 from moetune.config import dump_recipe, load_recipe
 from moetune.model_card import write_model_card
-from moetune.telemetry import write_routing_report
+from moetune.routing_report import write_routing_report
 
 
 ROUTING = {

@@ -9,14 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moetune.architectures import find_moe_layers
-from moetune.telemetry import (
-    RoutingTelemetry,
-    format_routing_report,
-    measure_routing,
-    routing_figure,
-    routing_from_paths,
-    write_routing_report,
-)
+from moetune.routing_report import format_routing_report, routing_figure, write_routing_report
+from moetune.telemetry import RoutingTelemetry, measure_routing, routing_from_paths
 from moetune.tiny import build_tokenizer, tiny_config
 
 
