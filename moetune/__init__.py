@@ -29,7 +29,7 @@ _EXPORTS = {
     "load_model": "loading",
     "add_adapters": "adapters",
     "load_adapter": "adapters",
-    "make_adapter_portable": "adapters",
+    "make_adapter_portable": "portable_adapters",
     "freeze": "freezing",
     "apply_router_controls": "router_controls",
     "MoETrainer": "trainer",

@@ -223,7 +223,7 @@ def serving_warning(run_dir: str | Path) -> str | None:
     Modules trained in full beside LoRA (`modules_to_save`, e.g. a router): vLLM refuses such adapters
     (vllm-project/vllm#9280). `moetune merge` gives a plain checkpoint that both load.
     """
-    from moetune.adapters import adapter_parameter_counts
+    from moetune.portable_adapters import adapter_parameter_counts
     from moetune.run_info import read_run_dir
 
     run = read_run_dir(run_dir)

@@ -232,7 +232,7 @@ def _method(run: TrainedRun, merge: dict | None) -> list[str]:
 def _params_table(run: TrainedRun) -> list[tuple[str, str, str]]:
     try:
         if run.is_adapter:
-            from moetune.adapters import adapter_parameter_counts
+            from moetune.portable_adapters import adapter_parameter_counts
 
             counts = adapter_parameter_counts(run.path, run.base)
         elif run.recipe is not None and run.recipe.lora is None:

@@ -239,7 +239,7 @@ def _finish_run_dir(recipe: Recipe, run: RunDir, metrics: dict, data, global_ste
     from moetune.model_card import write_model_card
 
     if recipe.lora is not None:
-        from moetune.adapters import make_adapter_portable
+        from moetune.portable_adapters import make_adapter_portable
 
         # Loads with plain PEFT onto a full-precision base from anywhere (absolute base path, unquantized nesting).
         make_adapter_portable(run.path, recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)

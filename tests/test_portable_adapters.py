@@ -8,10 +8,11 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from tiny_runs import make_run
 from transformers import AutoModelForCausalLM
 
-from moetune.adapters import adapter_parameter_counts, load_adapter, make_adapter_portable, resolve_base
+from moetune.adapters import load_adapter
 from moetune.config import ModelSection, QuantizationSection
 from moetune.errors import MoetuneError
 from moetune.loading import load_model
+from moetune.portable_adapters import adapter_parameter_counts, make_adapter_portable, resolve_base
 from moetune.tiny import TINY_ARCHS
 
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-from moetune.adapters import add_adapters, make_adapter_portable
+from moetune.adapters import add_adapters
 from moetune.config import dump_recipe, load_recipe
 from moetune.freezing import freeze, modules_trained_in_full
 from moetune.loading import load_model
+from moetune.portable_adapters import make_adapter_portable
 
 
 REPO = Path(__file__).resolve().parent.parent
