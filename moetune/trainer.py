@@ -215,6 +215,10 @@ class MoETrainer(SFTTrainer):
         if checkpoint is not None and self.is_distributed_loading_by_transformers and ep_checkpoint.has_state(checkpoint):
             ep_checkpoint.load(self, checkpoint)  # RNG: Trainer's `_load_rng_state` reads rng_state_<rank>.pth
             return
+        if checkpoint is not None and not self.is_deepspeed_enabled and not _has_optimizer_state(Path(checkpoint)):
+            # Trainer would skip the optimizer and scheduler without a word: the resumed run would restart AdamW's
+            # moments and the learning-rate schedule from scratch, a different training than the one resumed.
+            raise MoetuneError(_no_optimizer_state_message(Path(checkpoint)))
         super()._load_optimizer_and_scheduler(checkpoint)
 
     def _issue_warnings_after_load(self, load_result) -> None:
@@ -241,3 +245,22 @@ class MoETrainer(SFTTrainer):
         if self._count == 0:
             return {}
         return {key: value / self._count for key, value in self._sums.items()}
+
+
+def _has_optimizer_state(checkpoint: Path) -> bool:
+    """What transformers' `_load_optimizer_and_scheduler` needs to load anything: an optimizer file (or FSDP's
+    optimizer folder) and the scheduler."""
+    optimizer = (checkpoint / "optimizer.pt").is_file() or (checkpoint / "optimizer.bin").is_file() or any(
+        p.is_dir() and "optimizer" in p.name for p in checkpoint.iterdir())
+    return optimizer and (checkpoint / "scheduler.pt").is_file()
+
+
+def _no_optimizer_state_message(checkpoint: Path) -> str:
+    if ep_checkpoint.has_state(checkpoint):
+        return (f"{checkpoint} was written by an expert-parallel run (`distributed.expert_parallel` > 1: its optimizer "
+                f"state is in {ep_checkpoint.STATE_DIR}/), but this run does not shard the experts; resume it with the "
+                "same `distributed.expert_parallel` and number of processes it was trained with")
+    return (f"{checkpoint} holds no optimizer or scheduler state (written with `train.save_only_model: true`?), so "
+            "--resume would restart the optimizer and the learning-rate schedule from scratch; resume from a "
+            "checkpoint written without save_only_model, or start a new run")
+

@@ -364,3 +364,28 @@ def test_overwrite_accepts_every_file_moetune_writes(tmp_path):
     (tmp_path / "run" / "notes.txt").write_text("mine")
     with pytest.raises(MoetuneError, match="notes.txt"):
         run.check(resume=False, overwrite=True)
+
+
+@pytest.mark.parametrize("written_by", ["save_only_model", "expert_parallel"])
+def test_resume_refuses_a_checkpoint_without_optimizer_state(tiny_model_dir, tmp_path, written_by):
+    """Trainer resumes from such a checkpoint by silently restarting AdamW and the schedule: refused, nothing lost."""
+    recipe = make_recipe(tiny_model_dir("mixtral"), tmp_path / "run")
+    if written_by == "save_only_model":
+        recipe["train"] = {**recipe["train"], "save_only_model": True}
+    first = dict(recipe)
+    first["train"] = {**recipe["train"], "max_steps": 2}
+    finetune(first)
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoint-2"
+    if written_by == "expert_parallel":  # what an expert-parallel run writes: DCP shards instead of optimizer.pt
+        (checkpoint / "optimizer.pt").unlink()
+        (checkpoint / "ep_state").mkdir()
+        (checkpoint / "ep_state" / ".metadata").write_bytes(b"")
+    assert not (checkpoint / "optimizer.pt").exists()
+    (run / RUN_MARK).write_text(json.dumps({"created_by": "moetune", "status": "running"}))  # as if killed
+    before = sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file() and p.name != LOCK_FILE)
+    with pytest.raises(MoetuneError, match="train.save_only_model" if written_by == "save_only_model"
+                       else "distributed.expert_parallel"):
+        finetune(recipe, resume=True)
+    after = sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file() and p.name != LOCK_FILE)
+    assert after == before  # the checkpoint and everything else are still there
