@@ -200,8 +200,18 @@ def lora_model(path: Path, experts_path: str, quantized: bool, args):
     return model.to(args.device)
 
 
-def fixed_batch(path: Path, data: Path, out: Path, args) -> dict:
-    """One collated batch of the training rows (moetune's data pipeline), the same tensors for every variant."""
+def fixed_batch(shape: str, data: Path, out: Path, args) -> dict:
+    """One collated batch of the training rows (moetune's data pipeline), the same tensors for every variant.
+
+    Built through a one-layer, narrow model of the same family and tokenizer: the batch depends on the tokenizer,
+    the data and the recipe only, and loading the benchmarked model a second time in full precision would double
+    the script's peak memory (at 2.9B parameters it reached 21 GB).
+    """
+    import argparse
+
+    small = argparse.Namespace(**{**vars(args), "hidden_size": 64, "layers": 1, "coarse_width": 64, "fine_width": 32,
+                                  "fine_experts": 8, "dtype": "float32"})
+    path = make_model_dir(shape, out / "batch-model", small)
     trainer = moetune_trainer(path, data, out, args, quantized=False)
     batch = next(iter(trainer.get_train_dataloader()))
     return {k: v.cpu() for k, v in batch.items()}
@@ -434,7 +444,7 @@ def main() -> None:
             path = make_model_dir(shape, tmp, args)
             root = tmp / f"{shape}-runs"
             root.mkdir()
-            torch.save(fixed_batch(path, data, root / "batch", args), root / "batch.pt")
+            torch.save(fixed_batch(shape, data, root / "batch", args), root / "batch.pt")
             for suite in args.suites:
                 if suite == "footprint" and shape != "coarse":
                     continue
