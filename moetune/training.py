@@ -19,6 +19,7 @@ from typing import Any
 from moetune.config import Recipe, dump_recipe, load_recipe
 from moetune.errors import MoetuneError, RecipeError
 from moetune.launch_check import LaunchReport, check_launch
+from moetune.resume_checks import asks_for_more, check_same_setup, stored_recipe
 from moetune.run_dir import RunDir, write_atomic
 from moetune.samples import format_samples, generate, sample_prompts
 
@@ -26,7 +27,6 @@ from moetune.samples import format_samples, generate, sample_prompts
 logger = logging.getLogger(__name__)
 
 # Sections that must not change between a run and its --resume: the weights in its checkpoints depend on them.
-_SETUP_SECTIONS = ("model", "quantization", "lora", "freeze", "experts")
 
 
 def finetune(
@@ -60,10 +60,10 @@ def finetune(
     run = RunDir(recipe.output.dir, recipe_file=recipe_file)
     run.check(resume=resume, overwrite=overwrite)
     if resume:
-        stored = _stored_recipe(run)
-        _check_same_setup(recipe, stored, run)
+        stored = stored_recipe(run)
+        check_same_setup(recipe, stored, run)
         finished = run.finished()
-        if finished is not None and not _asks_for_more(recipe, stored):
+        if finished is not None and not asks_for_more(recipe, stored):
             _say(state, f"{run.path} already finished at step {finished.get('global_step')}; nothing to do. To train "
                         "longer, raise train.max_steps or train.num_train_epochs and --resume again.")
             return run.path, json.loads((run.path / "metrics.json").read_text(encoding="utf-8"))
@@ -286,33 +286,6 @@ def _broadcast(state, message: str | None) -> str | None:
     box = [message]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _stored_recipe(run: RunDir) -> Recipe | None:
-    stored_file = run.path / "recipe.yaml"
-    return load_recipe(stored_file) if stored_file.is_file() else None
-
-
-def _check_same_setup(recipe: Recipe, stored: Recipe | None, run: RunDir) -> None:
-    if stored is None:
-        return
-    changed = [s for s in _SETUP_SECTIONS if getattr(stored, s) != getattr(recipe, s)]
-    if changed:
-        raise RecipeError(
-            f"--resume: the recipe's {', '.join(changed)} section(s) differ from the run in {run.path} "
-            f"({run.path / 'recipe.yaml'}); its checkpoints only fit the setup they were trained with. Resume with the same "
-            "sections, or start a new run elsewhere"
-        )
-
-
-def _asks_for_more(recipe: Recipe, stored: Recipe | None) -> bool:
-    """Whether a --resume of a finished run asks for more training than the run did."""
-    stored_train = stored.train if stored is not None else {}
-    for key in ("max_steps", "num_train_epochs"):
-        new, old = recipe.train.get(key), stored_train.get(key)
-        if new is not None and (old is None or new > old):
-            return True
-    return False
 
 
 def sft_config(recipe: Recipe, *, has_eval: bool, resume: bool = False):

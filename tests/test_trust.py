@@ -249,6 +249,11 @@ def test_resume_of_a_finished_run_changes_nothing_unless_asked_for_more(tiny_mod
     with pytest.raises(RecipeError, match="lora section"):
         finetune(recipe, overrides=["lora.r=4"], resume=True)
     assert {p: p.read_bytes() for p in snapshot} == snapshot
+    with pytest.raises(RecipeError, match=r"`distributed.strategy` is 'ddp' but .* trained with 'auto'"):
+        finetune(recipe, overrides=["distributed.strategy=ddp"], resume=True)
+    with pytest.raises(RecipeError, match=r"`distributed.expert_parallel` is 2 but .* trained with 1"):
+        finetune(recipe, overrides=["distributed.expert_parallel=2"], resume=True)
+    assert {p: p.read_bytes() for p in snapshot} == snapshot
 
     _, more = finetune(recipe, overrides=["train.max_steps=6"], resume=True)
     assert more["global_step"] == 6 and list(losses(run)) == [1, 2, 3, 4, 5, 6]
