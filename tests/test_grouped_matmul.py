@@ -9,7 +9,7 @@ from grad_checks import forward_backward, randomize_lora
 
 from moetune.adapters import add_adapters
 from moetune.config import LoraSection, ModelSection, QuantizationSection
-from moetune.grouped_matmul import bucket_rows, gmm
+from moetune.grouped_matmul import bucket_rows, gmm, gmm_weight_grad
 from moetune.loading import load_model
 from moetune.quantized_experts import remove_quantized_forward
 
@@ -46,11 +46,27 @@ def test_bf16_groups_get_exactly_their_own_rows(counts, transposed):
     torch.testing.assert_close(out.float(), _reference(x, w, counts), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("counts", [[37, 0, 5, 90, 1], [0, 0, 64], [3], [200, 13, 0, 0, 7]],
+                         ids=["mixed", "leading-empty", "one-group", "short-tail"])
+def test_bf16_weight_gradients_sum_exactly_each_groups_own_rows(counts):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(counts), 48, generator=gen).bfloat16()
+    grad = torch.randn(sum(counts), 8, generator=gen).bfloat16()
+    out = gmm_weight_grad(x, grad, torch.tensor(counts).cumsum(0, dtype=torch.int32), counts)
+    ref = torch.stack([a.float().t() @ b.float() for a, b in zip(x.split(counts), grad.split(counts))])
+    assert out.shape == (len(counts), 48, 8) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
+    assert all(not out[g].any() for g, n in enumerate(counts) if n == 0)
+
+
 def test_many_routings_reuse_a_few_matmul_shapes(monkeypatch):
-    shapes, mm = set(), torch.mm
+    shapes, inner, mm = set(), set(), torch.mm
 
     def spy(a, b, **kwargs):
-        shapes.add(a.shape[0])
+        if b.shape[1] == 16:  # gmm: `[rows, 32] @ [32, 16]`
+            shapes.add(a.shape[0])
+        else:  # the weight gradient: `[32, rows] @ [rows, 4]`
+            inner.add(a.shape[1])
         return mm(a, b, **kwargs)
 
     monkeypatch.setattr(torch, "mm", spy)
@@ -61,10 +77,13 @@ def test_many_routings_reuse_a_few_matmul_shapes(monkeypatch):
         cuts = sorted(rng.sample(range(1, 1024), 7))
         counts = [b - a for a, b in zip([0, *cuts], [*cuts, 1024])]
         exact.update(counts)
-        gmm(torch.randn(1024, 32).bfloat16(), w, torch.tensor(counts).cumsum(0, dtype=torch.int32), counts)
+        offsets = torch.tensor(counts).cumsum(0, dtype=torch.int32)
+        gmm(torch.randn(1024, 32).bfloat16(), w, offsets, counts)
+        gmm_weight_grad(torch.randn(1024, 32).bfloat16(), torch.randn(1024, 4).bfloat16(), offsets, counts)
     assert len(exact) > 300  # what per-count kernels would have compiled
-    assert shapes and shapes <= {bucket_rows(n) for n in exact}  # every multiply over a bucketed row count
-    assert len(shapes) <= 80
+    for seen in (shapes, inner):
+        assert seen and seen <= {bucket_rows(n) for n in exact}  # every multiply over a bucketed row count
+        assert len(seen) <= 80
 
 
 def test_bf16_4bit_experts_chain_equals_the_dequantize_everything_path(tiny_model_dir):
@@ -98,6 +117,10 @@ def _unbucketed(x, w, offsets, counts):
     return torch.cat([rows @ w[g] for g, rows in enumerate(x.split(counts)) if rows.shape[0]])
 
 
+def _unbucketed_weight_grad(x, grad, offsets, counts):
+    return torch.stack([a.t() @ b for a, b in zip(x.split(counts), grad.split(counts))])
+
+
 @pytest.mark.parametrize("experts", ["lora", "frozen"])
 def test_bf16_bucketed_chain_equals_the_exact_row_counts(tiny_model_dir, monkeypatch, experts):
     """Down the real chain (4-bit experts, split expert LoRA or attention LoRA), bucketing changes nothing but
@@ -118,6 +141,7 @@ def test_bf16_bucketed_chain_equals_the_exact_row_counts(tiny_model_dir, monkeyp
     logits, d_embeds, grads = forward_backward(model, ids)
     assert calls
     monkeypatch.setattr(grouped_experts, "gmm", _unbucketed)
+    monkeypatch.setattr(grouped_experts, "gmm_weight_grad", _unbucketed_weight_grad)
     ref_logits, ref_d_embeds, ref_grads = forward_backward(model, ids)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(d_embeds, ref_d_embeds, rtol=1e-2, atol=1e-2 * float(ref_d_embeds.abs().max()))
