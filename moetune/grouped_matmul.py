@@ -15,6 +15,8 @@ step, for ~3% more matmul work (docs/benchmarks.md). fp32 `grouped_mm` and fp16 
 cache nothing per shape (measured): they are left alone.
 """
 
+from itertools import accumulate
+
 import torch
 
 
@@ -22,6 +24,11 @@ def bucket_rows(n: int) -> int:
     """`n` rounded up to a multiple of 8 below 128 rows, else to one of 16 sizes per doubling (<= 6.25% extra)."""
     step = max(8, 1 << max(0, n.bit_length() - 5))
     return -(-n // step) * step
+
+
+def _compiles_per_shape(x: torch.Tensor) -> bool:
+    """Whether torch multiplies `x` with a kernel compiled per matrix shape (oneDNN: bf16 on CPU)."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
@@ -64,7 +71,7 @@ def _bucketed_gmm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.
 def gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """`x[rows of group g] @ w[g]` for each group g; `x [S, in]` sorted by group, `w [G, in, out]`, `counts [G]`."""
     w = w.to(x.dtype)
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+    if _compiles_per_shape(x):
         return _bucketed_gmm(x, w, counts)
     grouped = _grouped_mm_for(x, w)
     if grouped is not None:
@@ -81,17 +88,10 @@ def _bucketed_weight_grad(x: torch.Tensor, grad: torch.Tensor, counts: list[int]
     # Here the row count is the inner dimension, so the extra rows must contribute nothing: both operands are laid
     # out again with each group's rows followed by zero rows up to its bucket (one index_copy_ each).
     padded = [bucket_rows(n) if n else 0 for n in counts]
-    starts = [0]
-    for m in padded[:-1]:
-        starts.append(starts[-1] + m)
-    sources = [0]
-    for n in counts[:-1]:
-        sources.append(sources[-1] + n)
-    shift = torch.repeat_interleave(torch.tensor([s - o for s, o in zip(starts, sources)]), torch.tensor(counts))
-    rows = torch.arange(x.shape[0]) + shift
-    total = sum(padded)
-    xp = x.new_zeros(total, x.shape[1]).index_copy_(0, rows, x)
-    gp = grad.new_zeros(total, grad.shape[1]).index_copy_(0, rows, grad)
+    starts = list(accumulate(padded, initial=0))
+    rows = torch.cat([torch.arange(start, start + n) for start, n in zip(starts, counts)])  # each row's new place
+    xp = x.new_zeros(starts[-1], x.shape[1]).index_copy_(0, rows, x)
+    gp = grad.new_zeros(starts[-1], grad.shape[1]).index_copy_(0, rows, grad)
     out = x.new_zeros(len(counts), x.shape[1], grad.shape[1])
     for g, (start, m) in enumerate(zip(starts, padded)):
         if m:
@@ -101,7 +101,7 @@ def _bucketed_weight_grad(x: torch.Tensor, grad: torch.Tensor, counts: list[int]
 
 def gmm_weight_grad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """`x[rows of g]^T @ grad[rows of g]` for each group g: `[G, in, out]` (zeros for empty groups)."""
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+    if _compiles_per_shape(x):
         return _bucketed_weight_grad(x, grad, counts)
     x_t = x.t()
     grouped = _grouped_mm_for(x_t, grad)

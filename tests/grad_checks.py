@@ -21,3 +21,17 @@ def randomize_lora(model, seed: int = 0) -> None:
         for name, param in model.named_parameters():
             if ".lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def assert_same_step(model, ids: torch.Tensor, switch, close) -> None:
+    """One forward + backward, `switch(model)` (to the reference path), another: the logits, the input gradient and
+    every trainable parameter's gradient (each non-zero) agree under `close(actual, expected)`."""
+    logits, d_embeds, grads = forward_backward(model, ids)
+    switch(model)
+    ref_logits, ref_d_embeds, ref_grads = forward_backward(model, ids)
+    close(logits, ref_logits)
+    close(d_embeds, ref_d_embeds)
+    assert set(grads) == set(ref_grads)
+    for name, ref in ref_grads.items():
+        assert ref.abs().sum() > 0, name
+        close(grads[name], ref)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from grad_checks import forward_backward, randomize_lora
+from grad_checks import assert_same_step, randomize_lora
 
 from moetune.adapters import add_adapters
 from moetune.config import LoraSection, ModelSection, QuantizationSection
@@ -86,24 +86,32 @@ def test_many_routings_reuse_a_few_matmul_shapes(monkeypatch):
         assert len(seen) <= 80
 
 
-def test_bf16_4bit_experts_chain_equals_the_dequantize_everything_path(tiny_model_dir):
-    path = tiny_model_dir("mixtral")
-    model = load_model(ModelSection(name_or_path=str(path), dtype="bfloat16"), QuantizationSection(),
+def _bf16_4bit(tiny_model_dir, arch: str, lora: LoraSection):
+    model = load_model(ModelSection(name_or_path=str(tiny_model_dir(arch)), dtype="bfloat16"), QuantizationSection(),
                        with_tokenizer=False)[0]
-    model = add_adapters(model, LoraSection(r=4, targets=["attention"]))
+    model = add_adapters(model, lora)
     randomize_lora(model)
-    model.train()
-    ids = torch.randint(6, 400, (2, 24), generator=torch.Generator().manual_seed(0))
-    logits, d_embeds, grads = forward_backward(model, ids)
-    assert remove_quantized_forward(model) == 2  # transformers' grouped_mm over every dequantized expert
-    ref_logits, ref_d_embeds, ref_grads = forward_backward(model, ids)
-    torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(d_embeds.float(), ref_d_embeds.float(), rtol=5e-2, atol=5e-2 * float(ref_d_embeds.abs().max()))
-    for name, grad in grads.items():
-        ref = ref_grads[name].float()
-        assert ref.abs().sum() > 0, name
-        torch.testing.assert_close(grad.float(), ref, rtol=5e-2, atol=5e-2 * float(ref.abs().max()))
+    return model.train()
 
+
+def _close_within(tol: float):
+    """bf16 rounding, relative to each tensor's scale; a row of another expert would be off by a whole product."""
+    def close(actual, expected):
+        expected = expected.float()
+        torch.testing.assert_close(actual.float(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+    return close
+
+
+def test_bf16_4bit_experts_chain_equals_the_dequantize_everything_path(tiny_model_dir):
+    model = _bf16_4bit(tiny_model_dir, "mixtral", LoraSection(r=4, targets=["attention"]))
+    ids = torch.randint(6, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def to_dequantize_everything(model):  # transformers' grouped_mm over every dequantized expert
+        assert remove_quantized_forward(model) == 2
+
+    # Measured: <= 0.6% of each tensor's scale apart. Which rows pair with which expert is pinned down by the tests
+    # above and below; this one holds the bf16 4-bit chain to transformers' own path.
+    assert_same_step(model, ids, to_dequantize_everything, _close_within(2e-2))
 
 
 def _unbucketed(x, w, offsets, counts):
@@ -128,24 +136,16 @@ def test_bf16_bucketed_chain_equals_the_exact_row_counts(tiny_model_dir, monkeyp
     near-tie token can route differently, so the fold is compared in fp32 by tests/test_expert_lora.py.)"""
     from moetune import grouped_experts
 
-    path = tiny_model_dir("qwen3_moe")
-    model = load_model(ModelSection(name_or_path=str(path), dtype="bfloat16"), QuantizationSection(),
-                       with_tokenizer=False)[0]
-    model = add_adapters(model, LoraSection(r=4, targets=["experts" if experts == "lora" else "attention"]))
-    randomize_lora(model)
-    model.train()
+    targets = {"targets": ["experts"], "experts_path": "split"} if experts == "lora" else {"targets": ["attention"]}
+    model = _bf16_4bit(tiny_model_dir, "qwen3_moe", LoraSection(r=4, **targets))
     ids = torch.randint(6, 400, (2, 24), generator=torch.Generator().manual_seed(1))
     calls = []
     real = grouped_experts.gmm
     monkeypatch.setattr(grouped_experts, "gmm", lambda *a: calls.append(1) or real(*a))
-    logits, d_embeds, grads = forward_backward(model, ids)
-    assert calls
-    monkeypatch.setattr(grouped_experts, "gmm", _unbucketed)
-    monkeypatch.setattr(grouped_experts, "gmm_weight_grad", _unbucketed_weight_grad)
-    ref_logits, ref_d_embeds, ref_grads = forward_backward(model, ids)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(d_embeds, ref_d_embeds, rtol=1e-2, atol=1e-2 * float(ref_d_embeds.abs().max()))
-    assert set(grads) == set(ref_grads)
-    for name, ref in ref_grads.items():
-        assert ref.abs().sum() > 0, name
-        torch.testing.assert_close(grads[name], ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
+
+    def to_exact_row_counts(model):
+        assert calls  # the first pass did go through the bucketed matmul
+        monkeypatch.setattr(grouped_experts, "gmm", _unbucketed)
+        monkeypatch.setattr(grouped_experts, "gmm_weight_grad", _unbucketed_weight_grad)
+
+    assert_same_step(model, ids, to_exact_row_counts, _close_within(1e-2))
