@@ -27,10 +27,12 @@ between the two Functions.
 """
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+from transformers.integrations.moe import _default_apply_gate  # private, but transformers is pinned to 5.23.x
 
 from moetune import quantized_experts
 from moetune.dropout_masks import apply_mask, draw_seed, keep_mask
@@ -56,12 +58,33 @@ class Projection:
     dropout: float
     seed: int | None  # dropout: run i draws its mask from a generator seeded `seed + i`
     dtype: torch.dtype
-    out_features: int
+    blocks: list[int]  # the output's column blocks, returned as separate tensors (their widths sum to `out`)
 
-    def base(self, x: torch.Tensor, run: Run, *, transpose: bool) -> torch.Tensor:
+    @property
+    def out_features(self) -> int:
+        return sum(self.blocks)
+
+    def base(self, x: torch.Tensor, run: Run) -> list[torch.Tensor]:
+        """`x_p W_e^T` for the run's pairs, one tensor per column block (one decode of a 4-bit weight)."""
         weight, offsets, counts = quantized_experts.run_weight(self.experts, self.name, run, self.dtype,
-                                                               transpose=transpose)
-        return gmm(x, weight, offsets, counts)
+                                                               transpose=True)
+        return [gmm(x, weight[..., cols], offsets, counts) for cols in self._columns()]
+
+    def base_grad(self, grads: list[torch.Tensor], run: Run) -> torch.Tensor:
+        """`sum over blocks of grad_b W_e[block b]`: the run's input gradient from its blocks' output gradients."""
+        weight, offsets, counts = quantized_experts.run_weight(self.experts, self.name, run, self.dtype,
+                                                               transpose=False)
+        out = None
+        for grad, cols in zip(grads, self._columns()):
+            part = gmm(grad, weight[:, cols], offsets, counts)
+            out = part if out is None else out.add_(part)
+        return out
+
+    def _columns(self) -> list[slice]:
+        if len(self.blocks) == 1:
+            return [slice(None)]
+        edges = [0, *accumulate(self.blocks)]
+        return [slice(a, b) for a, b in zip(edges, edges[1:])]
 
     def drop(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """`x` times run i's dropout mask (the same mask every call: forward input and backward gradient alike)."""
@@ -71,8 +94,8 @@ class Projection:
 
 
 def make_projection(experts: nn.Module, name: str, routing: Routing, terms: list, dropout: float,
-                    dtype: torch.dtype, width: int) -> Projection:
-    """`width`: the columns of the rows a run gathers (H on both sides)."""
+                    dtype: torch.dtype, width: int, halves: bool = False) -> Projection:
+    """`width`: the columns of the rows a run gathers (H on both sides). `halves`: output as two column halves."""
     state = quantized_experts.plain_4bit(experts, name)
     shape = state.quant_state.shape if state is not None else getattr(experts, name).shape
     element = torch.empty(0, dtype=dtype).element_size()
@@ -82,7 +105,8 @@ def make_projection(experts: nn.Module, name: str, routing: Routing, terms: list
     if dropout > 0 and terms:
         # From the global RNG, so a checkpointed forward replays it (below 2**62: seed + run stays in range).
         seed = draw_seed(routing.perm.device)
-    return Projection(experts, name, routing, runs, [scale for _, _, scale in terms], dropout, seed, dtype, shape[1])
+    blocks = [shape[1] // 2] * 2 if halves and shape[1] % 2 == 0 else [shape[1]]
+    return Projection(experts, name, routing, runs, [scale for _, _, scale in terms], dropout, seed, dtype, blocks)
 
 
 def _accumulator(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
@@ -130,39 +154,45 @@ def _lora_backward(proj: Projection, x: torch.Tensor, grad: torch.Tensor, run: R
 
 
 class GatherProject(torch.autograd.Function):
-    """`out[p] = x_p W_e^T + sum_t s_t (drop(x_p) A_t,e) B_t,e` with `x_p = hidden[token of pair p]`: `[S, out]`."""
+    """`out[p] = x_p W_e^T + sum_t s_t (drop(x_p) A_t,e) B_t,e` with `x_p = hidden[token of pair p]`: `[S, out]`,
+    returned as one tensor per column block of `proj.blocks`."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, proj: Projection, *factors: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, proj: Projection, *factors: torch.Tensor):
         tokens = proj.routing.tokens
-        out = None if len(proj.runs) == 1 else hidden.new_empty(tokens.shape[0], proj.out_features)
+        outs = None
         for i, run in enumerate(proj.runs):
             x = hidden[tokens[run.rows]]  # this run's rows only
-            y = proj.base(x, run, transpose=True)
+            ys = proj.base(x, run)
             delta = _lora_forward(proj, x, run, i, factors)
             if delta is not None:
-                y.add_(delta)
-            if out is None:
-                out = y  # one run holds every pair: its output is the whole output (no [S, out] copy)
-            else:
+                for y, cols in zip(ys, proj._columns()):
+                    y.add_(delta[:, cols])
+            if len(proj.runs) == 1:
+                outs = ys  # one run holds every pair: its output is the whole output (no [S, out] copy)
+                break
+            if outs is None:
+                outs = [hidden.new_empty(tokens.shape[0], width) for width in proj.blocks]
+            for out, y in zip(outs, ys):
                 out[run.rows] = y
-        if out is None:  # nothing routed (no tokens)
-            out = hidden.new_empty(0, proj.out_features)
+        if outs is None:  # nothing routed (no tokens)
+            outs = [hidden.new_empty(0, width) for width in proj.blocks]
         ctx.proj = proj
         ctx.save_for_backward(hidden, *factors)
-        return out
+        return tuple(outs) if len(outs) > 1 else outs[0]
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, *grad_outs: torch.Tensor):
         hidden, *factors = ctx.saved_tensors
         proj, tokens = ctx.proj, ctx.proj.routing.tokens
         grad_hidden = _accumulator(hidden.shape[0], hidden.shape[1], hidden)
         grad_factors = [torch.zeros_like(f) for f in factors]
         for i, run in enumerate(proj.runs):
-            grad = grad_out[run.rows].contiguous()
-            grad_x = proj.base(grad, run, transpose=False)  # grad @ W_e
+            grads = [g[run.rows].contiguous() for g in grad_outs]
+            grad_x = proj.base_grad(grads, run)  # sum over blocks of grad_b @ W_e[b]
             if proj.scales:
+                grad = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
                 grad_x.add_(_lora_backward(proj, hidden[tokens[run.rows]], grad, run, i, factors, grad_factors)[0])
             grad_hidden.index_add_(0, tokens[run.rows], grad_x.to(grad_hidden.dtype))  # straight into [T, H]
         return grad_hidden.to(hidden.dtype), None, *grad_factors
@@ -177,7 +207,7 @@ class ProjectCombine(torch.autograd.Function):
         out = _accumulator(proj.routing.num_tokens, proj.out_features, h)
         for i, run in enumerate(proj.runs):
             x = h[run.rows]
-            y = proj.base(x, run, transpose=True)
+            y = proj.base(x, run)[0]
             delta = _lora_forward(proj, x, run, i, factors)
             if delta is not None:
                 y.add_(delta)
@@ -198,7 +228,7 @@ class ProjectCombine(torch.autograd.Function):
             grad = grad_out[tokens[run.rows]]  # this run's rows of the output gradient, without the weights
             w = weights[run.rows].unsqueeze(-1)
             x = h[run.rows]
-            grad_x = proj.base(grad, run, transpose=False)  # grad @ W_e, before the weight
+            grad_x = proj.base_grad([grad], run)  # grad @ W_e, before the weight
             # grad . (x W_e^T): the base's share of the weight's gradient (vecdot: no [n, in] product tensor)
             dot = torch.linalg.vecdot(grad_x, x)
             # Written straight into grad_h's rows (out=): elementwise temporaries of [n, in] cost more in fresh
@@ -222,9 +252,26 @@ def grouped_experts(experts: nn.Module, hidden_states: torch.Tensor, routing: Ro
         terms: per parameter name, `(A^T [E, in, r], B^T [E, r, out], scale)` triples.
     """
     width = hidden_states.shape[-1]
-    up = make_projection(experts, "gate_up_proj", routing, terms["gate_up_proj"], dropout, hidden_states.dtype, width)
+    up = make_projection(experts, "gate_up_proj", routing, terms["gate_up_proj"], dropout, hidden_states.dtype, width,
+                         halves=_default_gate(experts))
     factors = [f for a, b, _ in terms["gate_up_proj"] for f in (a, b)]
-    h = experts._apply_gate(GatherProject.apply(hidden_states, up, *factors))  # the family's gate (+ expert dropout)
+    if len(up.blocks) == 2:
+        # transformers' default gate, `act_fn(gate) * up` on the two halves of one `[S, 2I]` tensor, applied to
+        # two `[S, I]` tensors: the same values, and backward hands over two gradients instead of concatenating
+        # them into a new `[S, 2I]` (on CPU, one above glibc's 32 MiB mmap threshold is zero-filled fresh pages on
+        # every allocation: ~13 ms per layer and pass at S = 4096, I = 1024 fp32; docs/benchmarks.md). The
+        # activation module is called as the default gate calls it, so hooks on it (expert dropout) still apply.
+        gate, up_part = GatherProject.apply(hidden_states, up, *factors)
+        h = experts.act_fn(gate) * up_part
+    else:
+        h = experts._apply_gate(GatherProject.apply(hidden_states, up, *factors))  # the family's own gate
     down = make_projection(experts, "down_proj", routing, terms["down_proj"], dropout, h.dtype, width)
     factors = [f for a, b, _ in terms["down_proj"] for f in (a, b)]
     return ProjectCombine.apply(h, weights.to(h.dtype), down, *factors)
+
+
+def _default_gate(experts: nn.Module) -> bool:
+    """Whether the experts gate with transformers' default `act_fn(gate) * up` (concatenated `[gate; up]`)."""
+    return (getattr(type(experts), "_apply_gate", None) is _default_apply_gate
+            and "_apply_gate" not in vars(experts) and isinstance(getattr(experts, "act_fn", None), nn.Module)
+            and getattr(experts, "is_concatenated", True))

@@ -12,6 +12,7 @@ from moetune.config import LoraSection, ModelSection, QuantizationSection, load_
 from moetune.errors import MoetuneError
 from moetune.expert_lora import install_split_lora, is_split, remove_split_lora
 from moetune.loading import load_model
+from moetune.router_capture import innermost_module
 
 
 def _load(path, quantized=False):
@@ -237,3 +238,35 @@ def test_trainable_base_experts_still_get_their_gradient_under_split_lora(tiny_m
     model.train()
     model(input_ids=_ids()).logits.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in base)
+
+
+@pytest.mark.parametrize("experts", ["split_lora", "attention_qlora"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_default_gate_on_two_halves_equals_the_family_gate_on_one_tensor(tiny_model_dir, arch, experts, monkeypatch):
+    """With transformers' default gate the grouped path hands `act_fn(gate) * up` two `[S, I]` tensors instead of
+    the halves of one `[S, 2I]`: the same logits and gradients, expert dropout (a hook on `act_fn`) included."""
+    from grad_checks import assert_same_step
+
+    from moetune.config import MoESection
+    from moetune.router_controls import apply_router_controls
+
+    quantized = experts == "attention_qlora"
+    targets = {"targets": ["attention"]} if quantized else {"targets": ["experts"], "experts_path": "split"}
+    model = add_adapters(_load(tiny_model_dir(arch), quantized), LoraSection(r=4, **targets))
+    randomize_lora(model)
+    apply_router_controls(model, MoESection(expert_dropout=0.3))
+    layers = find_moe_layers(model)
+    assert all(grouped_experts._default_gate(innermost_module(layer.experts)) for layer in layers)
+    blocks = []
+    real = grouped_experts.make_projection
+    monkeypatch.setattr(grouped_experts, "make_projection",
+                        lambda *a, **k: blocks.append(len((p := real(*a, **k)).blocks)) or p)
+
+    def to_one_tensor(model):
+        assert blocks.count(2) == len(layers)  # the first pass did take the two halves, once per layer
+        monkeypatch.setattr(grouped_experts, "_default_gate", lambda experts: False)
+        torch.manual_seed(0)  # the same dropout masks as the first pass
+
+    torch.manual_seed(0)
+    assert_same_step(model.train(), _ids(), to_one_tensor,
+                     lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max())))
