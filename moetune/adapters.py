@@ -203,7 +203,7 @@ def _key(root: str, depth: int, rest: str) -> str:
     return root if depth < 0 else f"{root}{'.base_layer' * depth}.{rest}"
 
 
-def _match_nesting(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def match_nesting(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename saved LoRA keys to this model's ParamWrapper nesting order.
 
     PEFT nests the wrappers of several parameters of one module in sorted-name order when the parameters are
@@ -257,7 +257,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, is_trainable: boo
     peft_model = get_peft_model(model, config)
     fix_peft_param_wrappers(peft_model)
     expected = get_peft_model_state_dict(peft_model)
-    saved = _match_nesting(load_peft_weights(str(path), device="cpu"), expected)
+    saved = match_nesting(load_peft_weights(str(path), device="cpu"), expected)
     wrong = [k for k in saved if k in expected and saved[k].shape != expected[k].shape]
     if set(saved) != set(expected) or wrong:
         missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))

@@ -10,9 +10,11 @@ and in backward the gradients of the unsort and of the `* weight` product. At S 
 So each projection is one autograd Function that walks the routed experts in runs (`Routing.runs`: consecutive
 experts, at most `DEQUANT_CHUNK_BYTES` of dequantized weight and at most `max(T, ROUTED_CHUNK_BYTES / H)` pairs):
 
-* `GatherProject` (gate_up_proj): `hidden [T, H]` -> `[S, 2I]`. Per run it gathers its tokens' rows, multiplies
-  base and LoRA, and writes its rows of the output; backward gathers nothing from the output side, builds the
-  run's input gradient and index-adds it straight into `[T, H]`.
+* `GatherProject` (gate_up_proj): `hidden [T, H]` -> `[S, 2I]`, or, for transformers' default gate, the two
+  `[S, I]` halves as separate tensors (`act_fn(gate) * up` then runs on them, and backward never concatenates
+  their gradients into a `[S, 2I]`). Per run it gathers its tokens' rows, multiplies base and LoRA, and writes its
+  rows of the output; backward gathers nothing from the output side, builds the run's input gradient and
+  index-adds it straight into `[T, H]`.
 * `ProjectCombine` (down_proj): `h [S, I]`, combine weights `[S]` -> `[T, H]`. Per run: base + LoRA, times the
   weights, index-added into `[T, H]`. Backward gathers the run's rows of the output gradient and gets the combine
   weights' gradient from products it needs anyway (`g . y = (g W) . h + sum s (g B^T) . u`), so the expert outputs
@@ -229,7 +231,8 @@ class ProjectCombine(torch.autograd.Function):
             w = weights[run.rows].unsqueeze(-1)
             x = h[run.rows]
             grad_x = proj.base_grad([grad], run)  # grad @ W_e, before the weight
-            # grad . (x W_e^T): the base's share of the weight's gradient (vecdot: no [n, in] product tensor)
+            # grad . (x W_e^T): the base's share of the weight's gradient (on CPU vecdot is a mul and a sum over
+            # [n, in]; doing it in cache-sized row blocks measured no faster: docs/benchmarks.md)
             dot = torch.linalg.vecdot(grad_x, x)
             # Written straight into grad_h's rows (out=): elementwise temporaries of [n, in] cost more in fresh
             # pages than in arithmetic on CPU (measured, docs/benchmarks.md).

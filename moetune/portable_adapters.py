@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, load_peft_weights
 
-from moetune.adapters import _match_nesting  # the key renaming `load_adapter` does too
+from moetune.adapters import match_nesting  # the key renaming `load_adapter` does too
 from moetune.architectures import ADAPTER_GROUP, canonical_name, classify_parameters
 from moetune.errors import MoetuneError
 from moetune.run_info import ADAPTER_CONFIG
@@ -81,7 +81,7 @@ def make_adapter_portable(adapter_dir: str | Path, base_name_or_path: str | None
     base = resolve_base(base)
     expected = get_peft_model_state_dict(_peft_skeleton(path, base, trust_remote_code))
     saved = load_peft_weights(str(path), device="cpu")
-    renamed = _match_nesting(saved, expected)
+    renamed = match_nesting(saved, expected)
     wrong = [k for k in renamed if k in expected and renamed[k].shape != expected[k].shape]
     if set(renamed) != set(expected) or wrong:
         missing, extra = sorted(set(expected) - set(renamed)), sorted(set(renamed) - set(expected))
