@@ -19,6 +19,7 @@ from moetune import ep_checkpoint
 from moetune.architectures import describe_moe
 from moetune.config import MoESection
 from moetune.errors import MoetuneError, TrainingDiverged
+from moetune.resume_schedule import follow_recipe_schedule
 from moetune.router_capture import RouterCapture
 from moetune.router_controls import apply_router_controls
 from moetune.run_dir import RunDir, mark_checkpoint_complete
@@ -214,12 +215,23 @@ class MoETrainer(SFTTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None and self.is_distributed_loading_by_transformers and ep_checkpoint.has_state(checkpoint):
             ep_checkpoint.load(self, checkpoint)  # RNG: Trainer's `_load_rng_state` reads rng_state_<rank>.pth
-            return
-        if checkpoint is not None and not self.is_deepspeed_enabled and not _has_optimizer_state(Path(checkpoint)):
-            # Trainer would skip the optimizer and scheduler without a word: the resumed run would restart AdamW's
-            # moments and the learning-rate schedule from scratch, a different training than the one resumed.
-            raise MoetuneError(_no_optimizer_state_message(Path(checkpoint)))
-        super()._load_optimizer_and_scheduler(checkpoint)
+        else:
+            if checkpoint is not None and not self.is_deepspeed_enabled and not _has_optimizer_state(Path(checkpoint)):
+                # Trainer would skip the optimizer and scheduler without a word: the resumed run would restart
+                # AdamW's moments and the learning-rate schedule from scratch, a different training than the one
+                # resumed.
+                raise MoetuneError(_no_optimizer_state_message(Path(checkpoint)))
+            super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            changed = follow_recipe_schedule(self.optimizer, self.lr_scheduler, self.args.learning_rate)
+            if changed is not None and self.is_world_process_zero():
+                logger.warning(
+                    "--resume: the learning rate follows this recipe's schedule (train.learning_rate %g, %s over "
+                    "%d steps) from step %d on: the next step trains at %.3g, where the checkpoint's optimizer was "
+                    "at %.3g (the run was planned with another length or learning rate)",
+                    self.args.learning_rate, getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type),
+                    self.state.max_steps,
+                    self.state.global_step, changed[1], changed[0])
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # Upstream only warns about missing keys on resume; a missing key here means a weight silently keeps its
