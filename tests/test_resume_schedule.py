@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_trust import make_recipe
+from test_trust import crash_at_step, make_recipe
 
 from moetune.resume_schedule import follow_recipe_schedule
 from moetune.training import finetune
@@ -35,6 +35,17 @@ def test_training_a_finished_run_longer_continues_on_the_new_schedule(tiny_model
     finetune(short, overrides=["train.max_steps=6", "train.learning_rate=6e-4"], resume=True)
     assert _rates(tmp_path / "longer")[5] == pytest.approx(6e-4 * 2 / 6)
     assert _rates(tmp_path / "longer")[6] == pytest.approx(6e-4 * 1 / 6)
+
+
+def test_resuming_the_same_plan_changes_no_rate_and_says_nothing(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    recipe = make_recipe(tiny_model_dir("mixtral"), tmp_path / "run")
+    crash_at_step(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(recipe)
+    monkeypatch.undo()
+    finetune(recipe, resume=True)
+    assert _rates(tmp_path / "run") == pytest.approx({1: 3e-3, 2: 2.25e-3, 3: 1.5e-3, 4: 7.5e-4}, rel=1e-12)
+    assert "learning rate follows" not in caplog.text
 
 
 def _scheduled(bases, lambdas, step):
