@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parser(commands)
 
     p = commands.add_parser("routing", help="measure expert load, entropy and dead experts of a model on some data")
-    p.add_argument("model", help="local model directory or Hub id")
+    p.add_argument("model", help="a moetune run dir (the trained model: base + adapter), any model dir, or a Hub id")
     p.add_argument("data", help="data file (.jsonl/.json/.csv/.parquet) in any moetune data format")
     p.add_argument("--max-examples", type=int, default=256)
     p.add_argument("--max-length", type=int, default=512)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moetune.errors import MoetuneError
+from moetune.textfiles import NotUtf8Text, decode_utf8
 
 
 Prompt = str | list[dict[str, str]]  # plain text, or chat messages
@@ -205,8 +206,12 @@ def read_prompts(file: str | Path) -> list[tuple[dict[str, Any], Prompt]]:
     path = Path(file)
     if not path.is_file():
         raise MoetuneError(f"prompts file {str(file)!r} not found")
+    try:
+        text = decode_utf8(path.read_bytes())
+    except NotUtf8Text as err:
+        raise MoetuneError(f"prompts file {str(file)!r}: {err}") from None
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

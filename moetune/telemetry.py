@@ -292,13 +292,14 @@ def measure_routing(model: nn.Module, tokenizer, batches_or_texts: Iterable, *, 
 
 def routing_from_paths(model_path: str, data_path: str, *, max_examples: int = 256, max_length: int = 512,
                        batch_size: int = 8) -> dict[str, Any]:
-    """`moetune routing MODEL DATA`: load the model and the data the moetune way, then `measure_routing`."""
+    """`moetune routing MODEL DATA`: load the model (a run dir: base + what training left) and the data the moetune
+    way, then `measure_routing`."""
     from moetune.config import DataSection
     from moetune.data import load_datasets
     from moetune.expert_scores import score_experts
-    from moetune.loading import load_model
+    from moetune.inference import load_for_inference
 
-    model, tokenizer = load_model(model_path)
+    model, tokenizer = load_for_inference(model_path)
     data = load_datasets(DataSection(train=data_path, max_length=max_length), tokenizer)
     rows = data.train.select(range(min(max_examples, len(data.train))))
     report = measure_routing(model, tokenizer, rows, batch_size=batch_size, max_length=max_length)

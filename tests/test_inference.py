@@ -127,6 +127,30 @@ def test_generate_user_errors(qlora_run, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_prompts_file_in_another_encoding_is_named_not_a_traceback(qlora_run, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hello"}\n', encoding="utf-16")
+    assert main(["generate", str(qlora_run), "--file", str(prompts)]) == 1
+    err = capsys.readouterr().err
+    assert f"prompts file {str(prompts)!r}: not UTF-8 text" in err and "UTF-16" in err and "Traceback" not in err
+
+
+def test_routing_of_a_run_dir_measures_the_trained_model(qlora_run, loaded, tmp_path, capsys):
+    """`moetune routing RUN_DIR DATA` loads base + adapter as `generate` does (it refused a LoRA run dir before)."""
+    from moetune.config import DataSection
+    from moetune.data import load_datasets
+    from moetune.telemetry import measure_routing
+
+    data = str(REPO / "recipes/data/demo_eval.jsonl")
+    assert main(["routing", str(qlora_run), data, "--max-examples", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    model, tokenizer = loaded
+    rows = load_datasets(DataSection(train=data, max_length=512), tokenizer).train.select(range(8))
+    expected = measure_routing(model, tokenizer, rows, batch_size=8, max_length=512)
+    assert report["tokens"] == expected["tokens"] > 0
+    assert [layer["share"] for layer in report["layers"]] == [layer["share"] for layer in expected["layers"]]
+
+
 def _read_until(fd, pattern: bytes, seen: bytearray, timeout: float) -> bytes:
     deadline = time.monotonic() + timeout
     while not re.search(pattern, seen):
