@@ -70,19 +70,20 @@ class Projection:
         """`x_p W_e^T` for the run's pairs, one tensor per column block (one decode of a 4-bit weight)."""
         weight, offsets, counts = quantized_experts.run_weight(self.experts, self.name, run, self.dtype,
                                                                transpose=True)
-        return [gmm(x, weight[..., cols], offsets, counts) for cols in self._columns()]
+        return [gmm(x, weight[..., cols], offsets, counts) for cols in self.columns()]
 
     def base_grad(self, grads: list[torch.Tensor], run: Run) -> torch.Tensor:
         """`sum over blocks of grad_b W_e[block b]`: the run's input gradient from its blocks' output gradients."""
         weight, offsets, counts = quantized_experts.run_weight(self.experts, self.name, run, self.dtype,
                                                                transpose=False)
         out = None
-        for grad, cols in zip(grads, self._columns()):
+        for grad, cols in zip(grads, self.columns()):
             part = gmm(grad, weight[:, cols], offsets, counts)
             out = part if out is None else out.add_(part)
         return out
 
-    def _columns(self) -> list[slice]:
+    def columns(self) -> list[slice]:
+        """The output columns of each block."""
         if len(self.blocks) == 1:
             return [slice(None)]
         edges = [0, *accumulate(self.blocks)]
@@ -168,7 +169,7 @@ class GatherProject(torch.autograd.Function):
             ys = proj.base(x, run)
             delta = _lora_forward(proj, x, run, i, factors)
             if delta is not None:
-                for y, cols in zip(ys, proj._columns()):
+                for y, cols in zip(ys, proj.columns()):
                     y.add_(delta[:, cols])
             if len(proj.runs) == 1:
                 outs = ys  # one run holds every pair: its output is the whole output (no [S, out] copy)
