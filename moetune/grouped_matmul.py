@@ -43,9 +43,10 @@ def _aligned(*tensors: torch.Tensor) -> bool:
 def _grouped_mm_for(a: torch.Tensor, b: torch.Tensor):
     """torch's grouped_mm when it exists and can take `a @ b` on their device, else None."""
     grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    # The device conditions of transformers' `_can_use_grouped_mm`: CUDA from SM80 on, CPU with aligned strides.
-    usable = (a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) >= (8, 0)
-              or a.device.type == "cpu" and _aligned(a, b))
+    # The device conditions of transformers' `_can_use_grouped_mm` (CUDA from SM80 on, CPU), and aligned strides on
+    # both: torch checks them the same way on either device, and views such as one half of a fused weight may miss.
+    usable = _aligned(a, b) and (a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) >= (8, 0)
+                                 or a.device.type == "cpu")
     return grouped if usable else None
 
 
