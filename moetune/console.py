@@ -39,6 +39,9 @@ def quiet_third_party(verbose: bool = False) -> None:
 
     * bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community ... pip install kernels" on
       every import: the CPU 4-bit matmul then falls back to dequantize + matmul, which is what moetune expects.
+    * DeepSpeed's "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
+      when anything imports it on a machine without a GPU (transformers and accelerate do, for their integrations),
+      also in runs that do not use DeepSpeed.
     * transformers' "Loading weights" / "Writing model shards" bars: one fragment line each in a log file.
     * FutureWarnings raised inside moetune's own calls into the libraries (we pin their versions and follow
       their changes in docs/upstream.md).
@@ -47,6 +50,7 @@ def quiet_third_party(verbose: bool = False) -> None:
     if verbose:
         return
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("gemm_4bit_forward from kernels-community"))
+    logging.getLogger("DeepSpeed").addFilter(_DropMessage("Setting accelerator to CPU"))
     # Read by huggingface_hub when first imported, and transformers' bars follow it; if already imported, directly.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "transformers.utils.logging" in sys.modules:

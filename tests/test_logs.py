@@ -49,3 +49,21 @@ def test_quiet_prints_the_summary_only(demo_recipe, capfd):
     out, err = capfd.readouterr()
     assert [line for line in out.splitlines() if line.strip()] == [next(line for line in out.splitlines() if line.startswith("Done: "))]
     assert all(line.startswith("WARNING ") for line in err.splitlines())
+
+
+def test_deepspeeds_cpu_detection_line_is_dropped_and_its_other_messages_kept():
+    import logging
+
+    from moetune.console import quiet_third_party
+
+    quiet_third_party()
+    logger, seen = logging.getLogger("DeepSpeed"), []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger.addHandler(handler)
+    try:
+        logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        logger.warning("something else")
+    finally:
+        logger.removeHandler(handler)
+    assert [record.getMessage() for record in seen] == ["something else"]
