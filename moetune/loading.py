@@ -214,8 +214,8 @@ def load_model(
         from moetune.quantization import check_experts_quantized
 
         report = check_experts_quantized(loaded)
-        logger.info("4-bit resident bytes by group: %s",
-                    dict(sorted(report.items())))
+        logger.info("4-bit model in memory: %s MB (%s)", _mb(sum(report.values())),
+                    ", ".join(f"{group} {_mb(size)}" for group, size in sorted(report.items(), key=lambda kv: -kv[1])))
         keep_bnb_weights_trainable(loaded)
     return loaded, tokenizer
 
@@ -237,3 +237,7 @@ def empty_model(name_or_path: str, *, trust_remote_code: bool = False) -> PreTra
     config = read_config(name_or_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"), zero3_init_off():  # on one rank, inside a ZeRO-3 run: no partitioning collectives
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:,.1f}" if size >= 2**20 / 20 else "<0.1"
