@@ -60,7 +60,7 @@ def check_raw(raw: dict) -> list[str]:
     train = raw.get("train")
     if isinstance(train, dict):
         valid = sft_config_fields()
-        problems += _check_train_values(train)
+        problems += _check_train_values(train) + _check_train_types(train)
         for key in train:
             if _SECRET_KEY.search(str(key)):
                 continue  # reported by _check_train_values, which never echoes the value
@@ -257,9 +257,10 @@ def _check_expert_parallel(raw: dict, strategy: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def sft_config_fields() -> frozenset[str]:
-    """Field names of trl.SFTConfig, read from the installed sources so that validation never imports torch."""
-    names: set[str] = set()
+def _sft_config_annotations() -> dict[str, str]:
+    """Field name -> type annotation (source text) of trl.SFTConfig, read from the installed sources so that
+    validation never imports torch. SFTConfig's own annotation wins over the TrainingArguments one it overrides."""
+    annotations: dict[str, str] = {}
     for package, relpath, cls in (
         ("trl", "trainer/sft_config.py", "SFTConfig"),
         ("transformers", "training_args.py", "TrainingArguments"),
@@ -269,8 +270,52 @@ def sft_config_fields() -> frozenset[str]:
             raise RecipeError(f"{package} is not installed")
         tree = ast.parse((Path(spec.submodule_search_locations[0]) / relpath).read_text(encoding="utf-8"))
         body = next(n.body for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls)
-        names |= {s.target.id for s in body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
-    return frozenset(n for n in names if not n.startswith("_"))
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                annotations.setdefault(node.target.id, ast.unparse(node.annotation))
+    return {name: text for name, text in annotations.items() if not name.startswith("_")}
+
+
+def sft_config_fields() -> frozenset[str]:
+    """Field names of trl.SFTConfig (read from the sources: no torch import)."""
+    return frozenset(_sft_config_annotations())
+
+
+_SCALAR_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _scalar_kinds(annotation: str) -> tuple[set[str], bool] | None:
+    """`({"int", "float", "bool"} subset, None allowed)` for an annotation made of those and None only, else None."""
+    names = set(re.findall(r"[A-Za-z_]\w*", annotation)) - {"Optional", "Union"}
+    if not names or not names <= {"int", "float", "bool", "None"}:
+        return None
+    return names - {"None"}, "None" in names or "Optional" in annotation
+
+
+def _check_train_types(train: dict) -> list[str]:
+    """Numbers and booleans of the `train` section against SFTConfig's types: TrainingArguments does not check
+    them, and a string where a number belongs fails deep inside training with a raw TypeError."""
+    problems = []
+    annotations = _sft_config_annotations()
+    for key, value in train.items():
+        kinds = _scalar_kinds(annotations.get(key, ""))
+        if kinds is None:
+            continue
+        allowed, optional = kinds
+        if value is None:
+            fits = optional
+        elif isinstance(value, bool):
+            fits = "bool" in allowed
+        elif isinstance(value, int):
+            fits = bool({"int", "float"} & allowed)
+        elif isinstance(value, float):
+            fits = "float" in allowed
+        else:
+            fits = False
+        if not fits:
+            expected = " or ".join(_SCALAR_WORDS[kind] for kind in ("int", "float", "bool") if kind in allowed)
+            problems.append(f"`train.{key}` must be {expected}{' (or null)' if optional else ''}, got {value!r}")
+    return problems
 
 
 def did_you_mean(word: str, options: Iterable[str]) -> str:

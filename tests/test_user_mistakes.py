@@ -99,6 +99,23 @@ def test_non_finite_numbers_are_rejected_with_the_key(tiny_model_dir, tmp_path, 
     assert code == 2 and f"`{key}` must be a finite number" in err
 
 
+def test_train_values_of_the_wrong_type_are_named_before_training(tiny_model_dir, tmp_path, capsys):
+    """TrainingArguments does not check types: `max_steps: abc` used to end in a raw TypeError once training began
+    (and `moetune validate` said OK)."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_text(tiny_model_dir("mixtral"), tmp_path), encoding="utf-8")
+    overrides = ["train.max_steps=abc", "train.per_device_train_batch_size=2.5", "train.learning_rate=fast",
+                 "train.bf16=3", "train.save_total_limit=null", "train.warmup_steps=10", "train.save_steps=0.5"]
+    code, err = run_cli(capsys, "train", str(path), *[arg for o in overrides for arg in ("--set", o)])
+    assert code == 2 and "Traceback" not in err
+    assert "`train.max_steps` must be an integer, got 'abc'" in err
+    assert "`train.per_device_train_batch_size` must be an integer, got 2.5" in err
+    assert "`train.learning_rate` must be a number, got 'fast'" in err
+    assert "`train.bf16` must be true or false, got 3" in err
+    assert err.count(" must be ") == 4  # null where allowed, an integer for a float field, a float ratio: fine
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_finite_number_in_yaml_file(tiny_model_dir, tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe_text(tiny_model_dir("mixtral"), tmp_path) + "moe:\n  z_loss_coef: .nan\n", encoding="utf-8")
