@@ -230,8 +230,7 @@ class MoETrainer(SFTTrainer):
                     "%d steps) from step %d on: the next step trains at %.3g, where the checkpoint's optimizer was "
                     "at %.3g (the run was planned with another length or learning rate)",
                     self.args.learning_rate, getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type),
-                    self.state.max_steps,
-                    self.state.global_step, changed[1], changed[0])
+                    self.state.max_steps, self.state.global_step, changed[1], changed[0])
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # Upstream only warns about missing keys on resume; a missing key here means a weight silently keeps its
@@ -275,4 +274,3 @@ def _no_optimizer_state_message(checkpoint: Path) -> str:
     return (f"{checkpoint} holds no optimizer or scheduler state (written with `train.save_only_model: true`?), so "
             "--resume would restart the optimizer and the learning-rate schedule from scratch; resume from a "
             "checkpoint written without save_only_model, or start a new run")
-

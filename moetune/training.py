@@ -26,8 +26,6 @@ from moetune.samples import format_samples, generate, sample_prompts
 
 logger = logging.getLogger(__name__)
 
-# Sections that must not change between a run and its --resume: the weights in its checkpoints depend on them.
-
 
 def finetune(
     recipe: "Recipe | dict | str | Path", *, overrides=(), resume: bool = False, overwrite: bool = False

@@ -207,8 +207,6 @@ def fixed_batch(shape: str, data: Path, out: Path, args) -> dict:
     the data and the recipe only, and loading the benchmarked model a second time in full precision would double
     the script's peak memory (at 2.9B parameters it reached 21 GB).
     """
-    import argparse
-
     small = argparse.Namespace(**{**vars(args), "hidden_size": 64, "layers": 1, "coarse_width": 64, "fine_width": 32,
                                   "fine_experts": 8, "dtype": "float32"})
     path = make_model_dir(shape, out / "batch-model", small)
